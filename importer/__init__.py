@@ -1,0 +1,1 @@
+"""Bulk importer of DigitalOcean custom images."""

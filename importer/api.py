@@ -1,0 +1,121 @@
+"""The wire format of DigitalOcean's image endpoints, as the client reads it.
+
+Parsing is lenient where the API is known to drift (status casing, extra
+fields) and strict where the importer depends on a value (``id``, ``status``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from importer.catalog import STATUSES
+
+
+class Image(BaseModel):
+    """An image as ``images_get``/``images_list``/``images_create_custom`` return it."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    id: int
+    name: str = ""
+    status: str
+    error_message: str = ""
+    regions: tuple[str, ...] = ()
+    tags: tuple[str, ...] | None = ()
+    created_at: str | None = None
+    distribution: str | None = None
+
+    @field_validator("status")
+    @classmethod
+    def _canonical_status(cls, value: str) -> str:
+        # The API changed the casing of NEW once; compare case-insensitively and
+        # keep one canonical spelling inside the importer.
+        for known in STATUSES:
+            if value.casefold() == known.casefold():
+                return known
+        return value
+
+    @property
+    def is_available(self) -> bool:
+        return self.status == "available"
+
+    @property
+    def has_failed(self) -> bool:
+        return self.status in ("deleted", "retired")
+
+
+class ImageEnvelope(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    image: Image
+
+
+class Pages(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    next: str | None = None
+    last: str | None = None
+
+
+class Links(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    pages: Pages = Field(default_factory=Pages)
+
+
+class Meta(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    total: int = 0
+
+
+class ImageList(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    images: tuple[Image, ...]
+    links: Links = Field(default_factory=Links)
+    meta: Meta = Field(default_factory=Meta)
+
+
+class ErrorBody(BaseModel):
+    """``{"id": ..., "message": ..., "request_id": ...}``."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    id: str
+    message: str
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """What one response said about the token's budget."""
+
+    limit: int | None
+    remaining: int | None
+    #: Unix time when the oldest counted request expires.
+    reset: float | None
+    #: Seconds to wait, on a burst 429.
+    retry_after: float | None
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> RateLimit:
+        return cls(
+            limit=_int(headers.get("ratelimit-limit")),
+            remaining=_int(headers.get("ratelimit-remaining")),
+            reset=_float(headers.get("ratelimit-reset")),
+            retry_after=_float(headers.get("retry-after")),
+        )
+
+
+def _float(raw: str | None) -> float | None:
+    if raw is None:
+        return None
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        return None
+    # NaN and infinities are garbage, not budgets.
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def _int(raw: str | None) -> int | None:
+    value = _float(raw)
+    return int(value) if value is not None else None
