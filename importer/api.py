@@ -6,6 +6,7 @@ fields) and strict where the importer depends on a value (``id``, ``status``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -113,7 +114,7 @@ def _float(raw: str | None) -> float | None:
     except ValueError:
         return None
     # NaN and infinities are garbage, not budgets.
-    return value if value == value and abs(value) != float("inf") else None
+    return value if math.isfinite(value) else None
 
 
 def _int(raw: str | None) -> int | None:

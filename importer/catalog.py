@@ -37,7 +37,7 @@ ACCEPTED_FORMATS: Final = ("raw", "img", "qcow2", "vhdx", "vdi", "vmdk")
 
 PER_PAGE_MAX: Final = 200
 DEFAULT_API_URL: Final = "https://api.digitalocean.com"
-TOKEN_ENV: Final = "DIGITALOCEAN_TOKEN"
+TOKEN_ENV: Final = "DIGITALOCEAN_TOKEN"  # noqa: S105 - a variable name, not a secret
 API_URL_ENV: Final = "DIGITALOCEAN_API_URL"
 
 #: Real error message of a failed import (terraform-provider-digitalocean#613).

@@ -1,0 +1,697 @@
+"""The import manifest: read it, validate all of it, and hand back frozen entries.
+
+Nothing is sent before the whole manifest is valid, and a run that cannot start says
+everything that is wrong at once: :func:`parse_manifest` collects every problem and raises
+one :class:`~importer.errors.ManifestError`.
+
+Format (YAML, or JSON, which YAML reads too)::
+
+    version: 1                 # optional; 1 is the only version there is
+    defaults:                  # optional; region, distribution, description, tags
+      region: nyc3
+      tags: [golden]
+    images:
+      - name: web-base-2024-06
+        url: https://images.example.com/web-base-2024-06.qcow2.gz
+        region: nyc3           # required, here or in defaults
+        distribution: Ubuntu   # optional
+        description: ...       # optional
+        tags: [web, prod]      # optional; added after the defaults' tags
+
+Decisions (each one is tested):
+
+- A missing ``version`` means 1: a manifest written before versions existed is a version 1
+  manifest. Any other value is a problem, and then nothing else is checked, because rules of
+  version 1 applied to another version would only produce noise.
+- An entry's value replaces the default; tags are the defaults' tags followed by the entry's,
+  without repeats. A ``null`` value (``region:`` with nothing after it) counts as not given.
+- A value given but empty (``region: ""``) is a problem, not a fallback to the default: an
+  empty value usually means a template went wrong, and guessing would import somewhere else.
+- Types are strict: YAML turns ``name: 2024`` into a number and ``tags: [on]`` into a boolean;
+  both are problems that say to quote the value.
+- A key given twice in one mapping is a problem: YAML and JSON would silently keep the last.
+- ``name``: at most 255 characters (DigitalOcean documents no limit; this keeps names sane).
+- ``url``: absolute http(s), with a host, naming a file (DigitalOcean reads the file name),
+  without whitespace, and not of a format DigitalOcean rejects, judged on the path alone.
+- ``region`` and ``distribution`` must match the catalog exactly; a near miss is a problem with
+  a suggestion. For ``distribution`` this matters most: the API silently turns any unknown
+  value, even ``ubuntu``, into ``Unknown``.
+- Tags must be valid DigitalOcean tag names; at most 50 per image after merging (our limit).
+- Two images with the same name in the same region are a problem on the later one:
+  DigitalOcean would accept both and create two images with one name.
+- A problem in ``defaults`` is reported once (field ``defaults.<key>``, no index), not again
+  for every image that inherits the value.
+- Messages never contain a URL's query string or password (:mod:`importer.redact`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import difflib
+import json
+import os
+import random
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import ErrorDetails
+from yaml.constructor import ConstructorError
+
+from importer.catalog import (
+    ACCEPTED_FORMATS,
+    DISTRIBUTIONS,
+    REGIONS,
+    REJECTED_SUFFIXES,
+    rejected_suffix,
+    tag_problem,
+)
+from importer.errors import ManifestError, Problem
+from importer.redact import redact_text, redact_url
+
+SUPPORTED_VERSION: Final = 1
+NAME_MAX_LENGTH: Final = 255
+MAX_TAGS: Final = 50
+
+Format = Literal["yaml", "json"]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One image to import, with the defaults already merged in."""
+
+    #: Position in the manifest's ``images`` list.
+    index: int
+    name: str
+    url: str
+    region: str
+    distribution: str | None
+    description: str | None
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A manifest that passed every check."""
+
+    version: int
+    entries: tuple[Entry, ...]
+    #: Where it came from (a path, or ``<manifest>``), for messages.
+    source: str
+
+
+def load_manifest(path: str | os.PathLike[str]) -> Manifest:
+    """Read and validate the manifest at ``path``; the suffix picks JSON or YAML."""
+    source = os.fspath(path)
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ManifestError(source, [Problem(f"cannot read the manifest: {reason}")]) from exc
+    except UnicodeDecodeError as exc:
+        problem = Problem(
+            f"the manifest is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+            f"at offset {exc.start})"
+        )
+        raise ManifestError(source, [problem]) from exc
+    suffix = Path(path).suffix.lower()
+    fmt: Format | None = None
+    if suffix == ".json":
+        fmt = "json"
+    elif suffix in (".yaml", ".yml"):
+        fmt = "yaml"
+    return parse_manifest(text, source=source, fmt=fmt)
+
+
+def parse_manifest(text: str, *, source: str = "<manifest>", fmt: Format | None = None) -> Manifest:
+    """Validate manifest ``text``; without ``fmt``, read it as YAML (which JSON is a subset of).
+
+    Raises :class:`ManifestError` carrying every problem found.
+    """
+    data = _load(text, fmt, source)
+    problems: list[Problem] = []
+    manifest = _check_document(data, source, problems)
+    if problems or manifest is None:
+        raise ManifestError(source, [_redacted(p) for p in problems])
+    return manifest
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+class _DuplicateKeyError(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+class _StrictYamlLoader(yaml.SafeLoader):
+    """The safe loader, minus its silent behaviours: duplicate keys and bad scalars raise."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (yaml.YAMLError, RecursionError):
+            raise
+        except Exception as exc:
+            # PyYAML's constructors trust the scalars they get: ``2024-13-45`` makes datetime
+            # raise ValueError, an empty ``!!int`` IndexError, an empty ``!!bool`` KeyError.
+            detail = f" ({exc})" if isinstance(exc, ValueError) else ""
+            problem = f"invalid {node.tag.rsplit(':', 1)[-1]} value{detail}"
+            raise ConstructorError(None, None, problem, node.start_mark) from exc
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: set[tuple[type, object]] = set()
+        for key_node, _ in node.value:
+            # Keys brought in by a ``<<`` merge may be overridden on purpose; only repeats among
+            # the mapping's own keys are mistakes.
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = self.construct_object(key_node)
+            # The type is part of the identity so that ``1`` and ``true`` stay different keys.
+            identity = (type(key), key)
+            try:
+                repeated = identity in seen
+            except TypeError:
+                continue  # an unhashable key: the base class reports it with its position
+            if repeated:
+                raise ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"found the key {key!r} twice (the second would silently replace the first)",
+                    key_node.start_mark,
+                )
+            seen.add(identity)
+        return super().construct_mapping(node, deep)
+
+
+def _load(text: str, fmt: Format | None, source: str) -> object:
+    try:
+        if fmt == "json":
+            return _load_json(text)
+        return yaml.load(text, Loader=_StrictYamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except json.JSONDecodeError as exc:
+        message = f"not valid JSON: {exc.msg} at {_at(exc.lineno, exc.colno)}"
+    except _DuplicateKeyError as exc:
+        message = f"not valid JSON: the key {exc.key!r} appears twice in one object"
+    except yaml.MarkedYAMLError as exc:
+        message = _yaml_message(exc)
+    except yaml.reader.ReaderError as exc:
+        line, column = _line_column(text, exc.position)
+        message = (
+            f"not valid YAML: the character #x{exc.character:04x} is not allowed "
+            f"at {_at(line, column)}"
+        )
+    except RecursionError:
+        message = "the manifest is nested too deeply to read"
+    except Exception as exc:
+        # The parsers raise more than their own errors (e.g. ValueError for an integer with
+        # more digits than Python converts); a manifest must never end in a traceback.
+        message = f"not valid {(fmt or 'yaml').upper()}: {exc}"
+    raise ManifestError(source, [_redacted(Problem(message))])
+
+
+def _load_json(text: str) -> object:
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in result:
+                raise _DuplicateKeyError(key)
+            result[key] = value
+        return result
+
+    return json.loads(text, object_pairs_hook=unique_keys)
+
+
+def _yaml_message(exc: yaml.MarkedYAMLError) -> str:
+    mark = exc.problem_mark or exc.context_mark
+    message = f"not valid YAML: {exc.problem or exc.context or 'syntax error'}"
+    if mark is not None:
+        message += f" at {_at(mark.line + 1, mark.column + 1)}"
+    context = exc.context_mark
+    if exc.problem and exc.context and context is not None and context is not mark:
+        message += f" ({exc.context} at {_at(context.line + 1, context.column + 1)})"
+    return message
+
+
+def _at(line: int, column: int) -> str:
+    return f"line {line}, column {column}"
+
+
+def _line_column(text: str, position: int) -> tuple[int, int]:
+    before = text[:position]
+    return before.count("\n") + 1, position - (before.rfind("\n") + 1) + 1
+
+
+# --- the shape, checked by pydantic ----------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    # Every field is optional here: "missing" and "empty" get the same, clearer message from
+    # the checks below, and a model with a bad field dropped always validates (see _validate).
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Document(_Strict):
+    version: int = SUPPORTED_VERSION
+    defaults: dict[Any, Any] | None = None
+    images: list[Any] | None = None
+
+
+class _Defaults(_Strict):
+    region: str | None = None
+    distribution: str | None = None
+    description: str | None = None
+    tags: list[str] | None = None
+
+
+class _Image(_Strict):
+    name: str | None = None
+    url: str | None = None
+    region: str | None = None
+    distribution: str | None = None
+    description: str | None = None
+    tags: list[str] | None = None
+
+
+_ModelT = TypeVar("_ModelT", bound=_Strict)
+
+
+@dataclass(frozen=True)
+class _Place:
+    """Where problems go: an entry (index, name) or the document, and a prefix for fields."""
+
+    index: int | None = None
+    name: str | None = None
+    prefix: str = ""
+
+    def problem(self, message: str, field: str | None = None) -> Problem:
+        where = f"{self.prefix}{field}" if field else (self.prefix.rstrip(".") or None)
+        return Problem(message, index=self.index, name=self.name, field=where)
+
+
+def _validate(
+    model: type[_ModelT], raw: Mapping[Any, Any], place: _Place, problems: list[Problem]
+) -> tuple[_ModelT, frozenset[str]]:
+    """``raw`` as ``model``, and the fields that had problems (already added to ``problems``)."""
+    try:
+        return model.model_validate(raw), frozenset()
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+    for error in errors:
+        problems.append(place.problem(_explain(error, model), _dotted(error["loc"])))
+    bad = frozenset(str(error["loc"][0]) for error in errors if error["loc"])
+    # Validate again without the bad fields so that the good ones still get their checks: one
+    # wrong type must not hide an unknown region next to it.
+    kept = {k: v for k, v in raw.items() if k in model.model_fields and k not in bad}
+    return model.model_validate(kept), bad
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str | None:
+    return ".".join(str(part) for part in loc) or None
+
+
+def _explain(error: ErrorDetails, model: type[_Strict]) -> str:
+    kind, value = error["type"], error["input"]
+    if kind == "extra_forbidden":
+        key = str(error["loc"][-1])
+        allowed = list(model.model_fields)
+        return f"unknown key {key!r}{_did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}"
+    if kind == "invalid_key":
+        return f"keys must be strings, not {_kind_of(value)}"
+    if error["loc"] == ("version",):
+        return f"must be {SUPPORTED_VERSION}, not {_describe(value)}"
+    if kind == "string_type":
+        hint = "; put it in quotes so that YAML keeps it as text" if _is_plain(value) else ""
+        return f"must be a string, not {_describe(value)}{hint}"
+    if kind == "list_type" and error["loc"] == ("images",):
+        return f"must be a list of images (mappings with name, url, region), not {_kind_of(value)}"
+    if kind == "list_type":
+        return f"must be a list of strings, like [web, prod], not {_kind_of(value)}"
+    if kind == "dict_type":
+        return f"must be a mapping of keys to values, not {_kind_of(value)}"
+    return str(error["msg"])
+
+
+def _is_plain(value: object) -> bool:
+    """Whether ``value`` is a scalar YAML typed on its own, which quoting turns into text."""
+    return isinstance(value, bool | int | float | datetime.date)
+
+
+def _describe(value: object) -> str:
+    # Numbers, booleans and dates cannot hold a secret; anything else is described by type only.
+    if not _is_plain(value):
+        return _kind_of(value)
+    return f"{_kind_of(value)} ({_shown(value)})"
+
+
+def _shown(value: object) -> str:
+    # YAML reads 0x... of any length, and str() of a huge int raises; no one needs its digits.
+    if isinstance(value, int) and value.bit_length() > 64:
+        return "a very large number"
+    return str(value)
+
+
+def _kind_of(value: object) -> str:
+    """How a YAML author would name the type of ``value``; never the value (it may be secret)."""
+    kinds: list[tuple[type | tuple[type, ...], str]] = [
+        (bool, "true/false"),
+        ((int, float), "a number"),
+        (str, "a string"),
+        (datetime.date, "a date"),
+        (list, "a list"),
+        (dict, "a mapping"),
+        (bytes, "binary data"),
+        ((set, frozenset), "a set"),
+    ]
+    if value is None:
+        return "null (nothing)"
+    for types, name in kinds:
+        if isinstance(value, types):
+            return name
+    return type(value).__name__
+
+
+# --- the rules -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Inherited:
+    """Values from ``defaults``, and the keys whose problems were already reported there."""
+
+    region: str | None = None
+    distribution: str | None = None
+    description: str | None = None
+    tags: tuple[str, ...] = ()
+    broken: frozenset[str] = field(default_factory=frozenset)
+
+
+_DEFAULT_KEYS: Final = frozenset(_Defaults.model_fields)
+
+
+def _check_document(data: object, source: str, problems: list[Problem]) -> Manifest | None:
+    top = _Place()
+    if not isinstance(data, dict):
+        what = "empty" if data is None else _kind_of(data)
+        problems.append(
+            top.problem(
+                f"the manifest must be a mapping with 'version' and 'images', but it is {what}"
+            )
+        )
+        return None
+    document, bad = _validate(_Document, data, top, problems)
+    if "version" not in bad and document.version != SUPPORTED_VERSION:
+        problems.append(
+            top.problem(
+                f"unsupported version {_shown(document.version)}; this importer reads version "
+                f"{SUPPORTED_VERSION}",
+                "version",
+            )
+        )
+        return None
+
+    if "defaults" in bad:
+        inherited = _Inherited(broken=_DEFAULT_KEYS)
+    else:
+        inherited = _check_defaults(document.defaults or {}, problems)
+
+    images = document.images
+    if images is None:
+        if "images" not in bad:
+            problems.append(top.problem("missing 'images', the list of images to import", "images"))
+        return None
+    if not images:
+        problems.append(top.problem("'images' is empty: there is nothing to import", "images"))
+        return None
+
+    entries: list[Entry] = []
+    first_index: dict[tuple[str, str], int] = {}
+    for index, raw in enumerate(images):
+        entry, key = _check_image(index, raw, inherited, problems)
+        if entry is not None:
+            entries.append(entry)
+        if key is None:
+            continue
+        if key in first_index:
+            name, region = key
+            problems.append(
+                Problem(
+                    f"images[{first_index[key]}] already imports {name!r} into {region}; "
+                    "DigitalOcean would create two images with one name",
+                    index=index,
+                    name=name,
+                    field="name",
+                )
+            )
+        else:
+            first_index[key] = index
+    return Manifest(version=document.version, entries=tuple(entries), source=source)
+
+
+def _check_defaults(raw: Mapping[Any, Any], problems: list[Problem]) -> _Inherited:
+    place = _Place(prefix="defaults.")
+    defaults, bad = _validate(_Defaults, raw, place, problems)
+    broken = set(bad)
+    for key, value, check in (
+        ("region", defaults.region, _region_problem),
+        ("distribution", defaults.distribution, _distribution_problem),
+    ):
+        message = None if value is None else check(value)
+        if message is not None:
+            problems.append(place.problem(message, key))
+            broken.add(key)
+    tags = tuple(defaults.tags or ())
+    if _tag_problems(tags, place, problems):
+        broken.add("tags")
+    if len(tags) > MAX_TAGS:
+        problems.append(place.problem(f"at most {MAX_TAGS} tags (here: {len(tags)})", "tags"))
+    return _Inherited(
+        region=defaults.region,
+        distribution=defaults.distribution,
+        description=defaults.description,
+        tags=tags,
+        broken=frozenset(broken),
+    )
+
+
+def _check_image(
+    index: int, raw: object, inherited: _Inherited, problems: list[Problem]
+) -> tuple[Entry | None, tuple[str, str] | None]:
+    """The entry (if valid) and its (name, region) key (if both are known)."""
+    if not isinstance(raw, dict):
+        problems.append(
+            Problem(
+                f"each image must be a mapping with name, url and region, not {_kind_of(raw)}",
+                index=index,
+            )
+        )
+        return None, None
+    given_name = raw.get("name")
+    place = _Place(index, given_name if isinstance(given_name, str) and given_name else None)
+    count = len(problems)
+    image, bad = _validate(_Image, raw, place, problems)
+
+    name = _required(image.name, "name", bad, place, problems)
+    if name is not None and len(name) > NAME_MAX_LENGTH:
+        problems.append(
+            place.problem(
+                f"a name has at most {NAME_MAX_LENGTH} characters (this one has {len(name)})",
+                "name",
+            )
+        )
+    url = _required(image.url, "url", bad, place, problems)
+    if url is not None and (message := _url_problem(url)) is not None:
+        problems.append(place.problem(message, "url"))
+
+    region = _region_of(image.region, inherited, bad, place, problems)
+    # A bad default was reported once, under defaults; it needs no repeating here.
+    distribution = image.distribution if image.distribution is not None else inherited.distribution
+    if image.distribution is not None and (message := _distribution_problem(image.distribution)):
+        problems.append(place.problem(message, "distribution"))
+    description = image.description if image.description is not None else inherited.description
+
+    own_tags = tuple(image.tags or ())
+    _tag_problems(own_tags, place, problems)
+    tags = tuple(dict.fromkeys(inherited.tags + own_tags))
+    if len(tags) > MAX_TAGS:
+        problems.append(
+            place.problem(
+                f"at most {MAX_TAGS} tags per image, counting the defaults' (this one has "
+                f"{len(tags)})",
+                "tags",
+            )
+        )
+
+    key = (name, region) if name is not None and region is not None else None
+    if len(problems) > count or name is None or url is None or region is None:
+        return None, key
+    return Entry(index, name, url, region, distribution, description, tags), key
+
+
+def _region_of(
+    own: str | None,
+    inherited: _Inherited,
+    bad: frozenset[str],
+    place: _Place,
+    problems: list[Problem],
+) -> str | None:
+    """The entry's region after merging defaults; ``None`` when a problem was reported."""
+    if "region" in bad:
+        return None
+    if own is not None:
+        region = _required(own, "region", bad, place, problems)
+        if region is not None and (message := _region_problem(region)) is not None:
+            problems.append(place.problem(message, "region"))
+        return region
+    if "region" in inherited.broken:
+        return None
+    if inherited.region is None:
+        problems.append(place.problem("missing 'region'; set it here or under defaults", "region"))
+    return inherited.region
+
+
+def _required(
+    value: str | None, key: str, bad: frozenset[str], place: _Place, problems: list[Problem]
+) -> str | None:
+    if key in bad:
+        return None
+    if value is None:
+        problems.append(place.problem(f"missing {key!r}", key))
+        return None
+    if not value.strip():
+        problems.append(place.problem(f"{key!r} is empty", key))
+        return None
+    return value
+
+
+def _url_problem(url: str) -> str | None:
+    shown = repr(redact_url(url))
+    if any(char.isspace() for char in url):
+        return f"{shown} contains whitespace; percent-encode it (a space is %20)"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError:
+        return f"{shown} is not a valid URL"
+    if parts.scheme.lower() not in ("http", "https"):
+        return f"{shown} must be an absolute http:// or https:// URL"
+    if not parts.hostname:
+        return f"{shown} has no host"
+    path = unquote(parts.path)
+    if not path or path.endswith("/"):
+        return f"{shown} must name the image file (DigitalOcean reads its format from the name)"
+    suffix = rejected_suffix(path)
+    if suffix is not None:
+        return (
+            f"{shown} is a {suffix} file, and DigitalOcean rejects "
+            f"{', '.join(REJECTED_SUFFIXES)} files; it accepts "
+            f"{', '.join(ACCEPTED_FORMATS)} images, optionally compressed with gzip (.gz) "
+            "or bzip2 (.bz2)"
+        )
+    return None
+
+
+def _region_problem(region: str) -> str | None:
+    if region in REGIONS:
+        return None
+    if not region.strip():
+        return "'region' is empty"
+    return (
+        f"unknown region {region!r}{_did_you_mean(region, REGIONS)}; valid regions: "
+        f"{', '.join(sorted(REGIONS))}"
+    )
+
+
+def _distribution_problem(distribution: str) -> str | None:
+    if distribution in DISTRIBUTIONS:
+        return None
+    if not distribution.strip():
+        return "'distribution' is empty; leave it out if the distribution is not known"
+    return (
+        f"unknown distribution {distribution!r}{_did_you_mean(distribution, DISTRIBUTIONS)}; "
+        f"DigitalOcean would silently record it as 'Unknown'. Valid distributions: "
+        f"{', '.join(sorted(DISTRIBUTIONS, key=str.casefold))}"
+    )
+
+
+def _did_you_mean(value: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest choice, ignoring case, or nothing."""
+    by_folded = {choice.casefold(): choice for choice in choices}
+    folded = value.strip().casefold()
+    if folded in by_folded:
+        match = by_folded[folded]
+        return f" (did you mean {match!r}? The spelling must match exactly, case included)"
+    close = difflib.get_close_matches(folded, list(by_folded), n=1)
+    return f" (did you mean {by_folded[close[0]]!r}?)" if close else ""
+
+
+def _tag_problems(tags: tuple[str, ...], place: _Place, problems: list[Problem]) -> bool:
+    """Add a problem for every invalid tag; whether there was any."""
+    count = len(problems)
+    for position, tag in enumerate(tags):
+        message = tag_problem(tag)
+        if message is not None:
+            problems.append(place.problem(message, f"tags.{position}"))
+    return len(problems) > count
+
+
+def _redacted(problem: Problem) -> Problem:
+    # Keys and names are the manifest author's text too, and may hold a pasted presigned URL.
+    return Problem(
+        redact_text(problem.message),
+        index=problem.index,
+        name=None if problem.name is None else redact_text(problem.name),
+        field=None if problem.field is None else redact_text(problem.field),
+    )
+
+
+# --- examples --------------------------------------------------------------------------------
+
+_EXAMPLE_ROLES: Final = ("web", "api", "worker", "db", "cache", "ci-runner", "bastion", "vpn")
+_EXAMPLE_SYSTEMS: Final = (
+    ("ubuntu-24.04", "Ubuntu"),
+    ("ubuntu-22.04", "Ubuntu"),
+    ("debian-12", "Debian"),
+    ("rocky-9", "Rocky Linux"),
+    ("fedora-40", "Fedora"),
+    ("freebsd-14", "FreeBSD"),
+    ("arch", "Arch Linux"),
+)
+_EXAMPLE_FORMATS: Final = ("qcow2", "qcow2.gz", "img", "img.gz", "raw.bz2", "vmdk", "vhdx", "vdi")
+_EXAMPLE_REGIONS: Final = ("nyc3", "ams3", "fra1", "sfo3", "sgp1", "lon1", "tor1", "blr1", "syd1")
+_EXAMPLE_STAGES: Final = ("prod", "staging", "dev")
+
+
+def example_manifest(
+    count: int, *, seed: int = 0, base_url: str = "https://images.example.com"
+) -> str:
+    """YAML text of a valid manifest of ``count`` images, the same for the same ``seed``."""
+    # Not for secrets: a seeded generator is the point, so that the output is reproducible.
+    rng = random.Random(seed)  # noqa: S311
+    images: list[dict[str, object]] = []
+    for number in range(1, count + 1):
+        role = rng.choice(_EXAMPLE_ROLES)
+        system, distribution = rng.choice(_EXAMPLE_SYSTEMS)
+        name = f"{role}-{system}-{number:04d}"
+        images.append(
+            {
+                "name": name,
+                "url": f"{base_url.rstrip('/')}/{role}/{name}.{rng.choice(_EXAMPLE_FORMATS)}",
+                "region": rng.choice(_EXAMPLE_REGIONS),
+                "distribution": distribution,
+                "description": f"{role} image on {distribution}, build {number}",
+                "tags": [role, rng.choice(_EXAMPLE_STAGES)],
+            }
+        )
+    document = {"version": SUPPORTED_VERSION, "defaults": {"tags": ["generated"]}, "images": images}
+    call = f"example_manifest({count})" if seed == 0 else f"example_manifest({count}, seed={seed})"
+    header = (
+        f"# {count} generated images that all import cleanly, for load tests. Made with:\n"
+        f'#   python -c "from importer.manifest import example_manifest; print({call})"\n'
+    )
+    body = yaml.safe_dump(document, sort_keys=False, default_flow_style=None, width=100)
+    return (header + body).rstrip("\n")

@@ -1,0 +1,119 @@
+"""One explicit object with every knob of a run, handed down from the CLI or the caller."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from importer.catalog import API_URL_ENV, DEFAULT_API_URL, TOKEN_ENV
+from importer.errors import ConfigurationError
+
+
+@dataclass(frozen=True)
+class Token:
+    """A bearer token that never shows itself in a repr, a log or a traceback."""
+
+    value: str = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.value or any(c.isspace() for c in self.value):
+            raise ConfigurationError(
+                "the API token is empty or contains white space; "
+                f"set {TOKEN_ENV} or pass --token-file with the token alone in it"
+            )
+
+    def __str__(self) -> str:
+        return "Token(***)"
+
+    @classmethod
+    def from_env_or_file(cls, token_file: Path | None = None) -> Token:
+        """The token from ``token_file`` if given, else from ``DIGITALOCEAN_TOKEN``."""
+        if token_file is not None:
+            try:
+                raw = token_file.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"cannot read the token file {token_file}: {exc.strerror or exc}"
+                ) from None
+            return cls(raw.strip())
+        raw = os.environ.get(TOKEN_ENV, "").strip()
+        if not raw:
+            raise ConfigurationError(
+                f"no API token: set {TOKEN_ENV} or pass --token-file PATH "
+                "(or use --simulate to run against the built-in simulator)"
+            )
+        return cls(raw)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_api_url(url: str) -> str:
+    """``url`` without a trailing slash, if it is safe to send a bearer token to."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigurationError(f"the API URL {url!r} is not an absolute http(s) URL")
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise ConfigurationError(
+            f"refusing to send the token over plain http to {parts.hostname}; "
+            "use https (plain http is allowed only for loopback addresses)"
+        )
+    return url.rstrip("/")
+
+
+def default_api_url() -> str:
+    return os.environ.get(API_URL_ENV, "").strip() or DEFAULT_API_URL
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a run needs besides the manifest. Times are in seconds."""
+
+    token: Token
+    api_url: str = DEFAULT_API_URL
+    #: Requests in flight at once.
+    concurrency: int = 8
+    #: DigitalOcean's limits per token: 250 in any minute, 5,000 in any hour.
+    per_minute: int = 250
+    per_hour: int = 5000
+    #: Wait before an image's first status check, then between checks.
+    first_poll: float = 30.0
+    poll_interval: float = 15.0
+    #: Give up on an image this long after it was submitted.
+    image_timeout: float = 3600.0
+    #: One HTTP request, connect to last byte.
+    request_timeout: float = 60.0
+    #: Attempts for one request that fails transiently (5xx, reset, garbage).
+    max_attempts: int = 6
+    #: Backoff between those attempts: full jitter, exponential, capped.
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    #: Retries of one request answered 429; each waits for the pause the API asked for.
+    max_rate_limited: int = 30
+    #: How often a progress line is logged.
+    progress_interval: float = 30.0
+    report_path: Path = Path("import-report.json")
+
+    def __post_init__(self) -> None:
+        check_api_url(self.api_url)
+        positive = {
+            "concurrency": self.concurrency,
+            "per_minute": self.per_minute,
+            "per_hour": self.per_hour,
+            "max_attempts": self.max_attempts,
+            "poll_interval": self.poll_interval,
+            "image_timeout": self.image_timeout,
+            "request_timeout": self.request_timeout,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigurationError(f"{name} must be positive, got {value}")
