@@ -1,39 +1,59 @@
 """The ``importer`` command: ``run``, ``validate`` and ``simulate``.
 
 Exit codes: 0 every image available; 1 some image failed, timed out or was
-rejected; 2 invalid manifest or usage; 3 authentication failed or the API
-unreachable; 130 interrupted.
+rejected; 2 invalid manifest or usage (or the state file is in use); 3
+authentication failed or the API unreachable; 4 the ``--deadline`` passed; 130
+interrupted (SIGINT); 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
-from dataclasses import replace
+import time
+from collections.abc import Callable
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 import click
 
 from importer.catalog import API_URL_ENV, TOKEN_ENV
+from importer.clock import LoopClock, VirtualTimeLoop
 from importer.durations import parse_duration
-from importer.errors import ImporterError
+from importer.errors import ImporterError, UsageError
 from importer.logs import LogFormat, configure_logging
 from importer.manifest import Manifest, load_manifest
-from importer.pipeline import run_import
+from importer.pipeline import Stopper, run_import
 from importer.report import Report
 from importer.settings import Settings, Token, default_api_url
+from importer.simulator import SimulatorConfig, run_simulator
 
 EXIT_OK = 0
 EXIT_FAILURES = 1
 EXIT_USAGE = 2
 EXIT_API = 3
+EXIT_DEADLINE = 4
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
-_STOP_EXIT = {"authentication_failed": EXIT_API, "api_unreachable": EXIT_API}
+_STOP_EXIT = {
+    "authentication_failed": EXIT_API,
+    "api_unreachable": EXIT_API,
+    "deadline": EXIT_DEADLINE,
+    "interrupted": EXIT_INTERRUPTED,
+    "terminated": EXIT_TERMINATED,
+}
+_SIGNAL_REASONS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
+DEFAULT_STATE = Path("importer-state.sqlite")
+FC = TypeVar("FC", bound=Callable[..., Any])
 
 
-class Duration(click.ParamType):  # type: ignore[type-arg]
+class Duration(click.ParamType):  # type: ignore[type-arg]  # generic in newer stubs only
+    """``90``, ``45s``, ``15m``, ``1h30m``: seconds as a float."""
+
     name = "duration"
 
     def convert(
@@ -50,7 +70,7 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
 DURATION = Duration()
 
 
-def _die(error: ImporterError) -> None:
+def _die(error: ImporterError) -> NoReturn:
     click.echo(f"error: {error}", err=True)
     sys.exit(error.exit_code)
 
@@ -60,7 +80,6 @@ def _load(path: Path) -> Manifest:
         return load_manifest(path)
     except ImporterError as error:
         _die(error)
-        raise  # pragma: no cover - _die exits
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,9 +107,21 @@ def validate(manifest: Path) -> None:
     help="Where to write the JSON report.",
 )
 @click.option(
+    "--state",
+    "state_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help=f"The journal to resume from [default: {DEFAULT_STATE}; none with --simulate].",
+)
+@click.option(
     "--simulate",
     is_flag=True,
     help="Run against the built-in simulator (demo timings, no token needed).",
+)
+@click.option(
+    "--virtual-time",
+    is_flag=True,
+    help="With --simulate: run on virtual time, so minutes of imports take moments.",
 )
 @click.option(
     "--api-url",
@@ -99,7 +130,7 @@ def validate(manifest: Path) -> None:
 )
 @click.option(
     "--token-file",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    type=click.Path(path_type=Path, dir_okay=False),
     help=f"Read the API token from this file instead of ${TOKEN_ENV}.",
 )
 @click.option(
@@ -132,6 +163,12 @@ def validate(manifest: Path) -> None:
     help="Give up on an image this long after submitting it.",
 )
 @click.option(
+    "--deadline",
+    type=DURATION,
+    default=None,
+    help="Stop the whole run after this long (exit 4); a later run resumes it.",
+)
+@click.option(
     "--first-poll",
     type=DURATION,
     default=None,
@@ -153,18 +190,23 @@ def validate(manifest: Path) -> None:
 def run(
     manifest: Path,
     report_path: Path,
+    state_path: Path | None,
     simulate: bool,
+    virtual_time: bool,
     api_url: str | None,
     token_file: Path | None,
     concurrency: int,
     per_minute: int,
     per_hour: int,
     image_timeout: float,
+    deadline: float | None,
     first_poll: float | None,
     poll_interval: float | None,
     log_format: LogFormat,
 ) -> None:
     """Import every image of MANIFEST and write a report."""
+    if virtual_time and not simulate:
+        _die(UsageError("--virtual-time needs --simulate: the real API runs on real time"))
     loaded = _load(manifest)
     try:
         token = Token("simulated") if simulate else Token.from_env_or_file(token_file)
@@ -176,20 +218,21 @@ def run(
             per_minute=per_minute,
             per_hour=per_hour,
             image_timeout=image_timeout,
+            deadline=deadline,
             first_poll=first_poll or demo or Settings.first_poll,
             poll_interval=poll_interval or demo or Settings.poll_interval,
             progress_interval=5.0 if simulate else Settings.progress_interval,
             report_path=report_path,
+            state_path=state_path if state_path or simulate else DEFAULT_STATE,
         )
     except ImporterError as error:
         _die(error)
-        raise  # pragma: no cover
     configure_logging(log_format, secrets=[token.value])
+    options: dict[str, Any] = {"loop_factory": VirtualTimeLoop} if virtual_time else {}
     try:
-        report = anyio.run(_run, loaded, settings, simulate)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        report = anyio.run(_run, loaded, settings, simulate, backend_options=options)
+    except ImporterError as error:  # the state file is locked or unusable
+        _die(error)
     report.write(settings.report_path)
     click.echo(report.human_summary())
     click.echo(f"report written to {settings.report_path}")
@@ -197,13 +240,32 @@ def run(
 
 
 async def _run(manifest: Manifest, settings: Settings, simulate: bool) -> Report:
-    if not simulate:
-        return await run_import(manifest, settings)
-    from importer.simulator import SimulatorConfig, run_simulator  # noqa: PLC0415
+    stopper = Stopper()
+    # Wall time anchored now: under --virtual-time, timestamps still read as today.
+    clock = LoopClock(epoch=time.time())
+    async with anyio.create_task_group() as signals:
+        signals.start_soon(_stop_on_signals, stopper)
+        if simulate:
+            async with run_simulator(SimulatorConfig.demo(), clock) as simulator:
+                click.echo(f"simulator listening on {simulator.base_url}", err=True)
+                settings = replace(settings, api_url=simulator.base_url)
+                report = await run_import(manifest, settings, clock=clock, stopper=stopper)
+        else:
+            report = await run_import(manifest, settings, clock=clock, stopper=stopper)
+        signals.cancel_scope.cancel()
+    return report
 
-    async with run_simulator(SimulatorConfig.demo()) as simulator:
-        click.echo(f"simulator listening on {simulator.base_url}", err=True)
-        return await run_import(manifest, replace(settings, api_url=simulator.base_url))
+
+async def _stop_on_signals(stopper: Stopper) -> None:
+    """First SIGINT/SIGTERM: stop gracefully. A second one: leave at once (the journal is safe)."""
+    with anyio.open_signal_receiver(*_SIGNAL_REASONS) as received:
+        async for signum in received:
+            reason = _SIGNAL_REASONS[signal.Signals(signum)]
+            if stopper.reason is not None:
+                click.echo("second signal: exiting now; the next run resumes", err=True)
+                os._exit(_STOP_EXIT[reason])
+            click.echo(f"{reason}: stopping (signal again to exit at once)", err=True)
+            stopper.stop(reason)
 
 
 def exit_code(report: Report) -> int:
@@ -211,3 +273,111 @@ def exit_code(report: Report) -> int:
     if report.stopped:
         return _STOP_EXIT.get(report.stopped, EXIT_INTERRUPTED)
     return EXIT_OK if report.all_available else EXIT_FAILURES
+
+
+_FAULT_OPTIONS = {
+    "failure_rate": "Fraction of images that fail asynchronously at random.",
+    "stuck_rate": "Fraction of images that never leave NEW or pending.",
+    "error_rate": "Fraction of /v2 requests answered 500/502/503.",
+    "html_error_fraction": "Share of those 5xx answers with an HTML body.",
+    "reset_rate": "Fraction of /v2 requests whose connection is dropped unanswered.",
+    "lost_create_rate": "Fraction of creates that succeed but whose answer is lost.",
+    "slow_rate": "Fraction of /v2 requests answered late (see --slow-seconds).",
+    "garbage_rate": "Fraction of 2xx answers with a malformed body.",
+}
+
+
+def _fault_options(command: FC) -> FC:
+    for name, help_text in reversed(_FAULT_OPTIONS.items()):
+        flag = "--" + name.replace("_", "-")
+        option = click.option(flag, name, type=click.FloatRange(0, 1), default=None, help=help_text)
+        command = option(command)
+    return command
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    help="Port to listen on (0 picks a free one).",
+)
+@click.option(
+    "--realistic",
+    is_flag=True,
+    help="Minutes-long imports, as DigitalOcean takes [default: the demo's seconds].",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Root of every random decision: the same seed, the same outcomes.",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Accept only the token in this file [default: any bearer token].",
+)
+@click.option(
+    "--per-minute",
+    type=click.IntRange(1),
+    default=None,
+    help="Requests allowed per token in any minute [default: 250].",
+)
+@click.option(
+    "--per-hour",
+    type=click.IntRange(1),
+    default=None,
+    help="Requests allowed per token in any hour [default: 5000].",
+)
+@click.option(
+    "--list-in-progress/--hide-in-progress",
+    default=None,
+    help="Whether NEW/pending images appear in listings [default: hidden; the real "
+    "API's behaviour is unknown].",
+)
+@click.option(
+    "--revoke-after",
+    type=click.IntRange(0),
+    default=None,
+    help="Revoke the token after this many requests.",
+)
+@click.option(
+    "--slow-seconds", type=click.FloatRange(0), default=None, help="How late a slow answer is."
+)
+@_fault_options
+def simulate(
+    host: str,
+    port: int,
+    realistic: bool,
+    seed: int,
+    token_file: Path | None,
+    **knobs: Any,
+) -> None:
+    """Serve the DigitalOcean API simulator until interrupted."""
+    try:
+        token = Token.from_env_or_file(token_file).value if token_file else None
+        known = {f.name for f in fields(SimulatorConfig)}
+        overrides = {k: v for k, v in knobs.items() if v is not None and k in known}
+        preset = SimulatorConfig.realistic if realistic else SimulatorConfig.demo
+        config = preset(seed=seed, token=token, **overrides)
+    except ImporterError as error:
+        _die(error)
+    except ValueError as exc:
+        _die(UsageError(str(exc)))
+    configure_logging("console")
+
+    async def serve() -> None:
+        async with run_simulator(config, host=host, port=port) as simulator:
+            click.echo(f"simulator listening on {simulator.base_url}", err=True)
+            click.echo(simulator.base_url, nl=True)
+            sys.stdout.flush()
+            await anyio.sleep_forever()
+
+    try:
+        anyio.run(serve)
+    except KeyboardInterrupt:
+        click.echo("simulator stopped", err=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -109,8 +109,14 @@ class ImagesClient:
 
     # -- operations ---------------------------------------------------------------
 
-    async def create(self, request: CreateRequest) -> Image:
-        """Submit one import; the answer's image has status ``NEW``."""
+    async def create(
+        self, request: CreateRequest, *, on_send: Callable[[], None] | None = None
+    ) -> Image:
+        """Submit one import; the answer's image has status ``NEW``.
+
+        ``on_send`` runs right before each attempt leaves, once the governor has
+        admitted it: the moment from which the image may exist.
+        """
         envelope: ImageEnvelope = await self._call(
             ImageEnvelope,
             "POST",
@@ -118,6 +124,7 @@ class ImagesClient:
             template="/v2/images",
             body=request.body(),
             idempotent=False,
+            on_send=on_send,
         )
         return envelope.image
 
@@ -166,6 +173,7 @@ class ImagesClient:
         params: Mapping[str, str] | None = None,
         body: Mapping[str, Any] | None = None,
         idempotent: bool = True,
+        on_send: Callable[[], None] | None = None,
     ) -> Any:
         tally: Counter[str] = Counter()
 
@@ -211,7 +219,7 @@ class ImagesClient:
             async for attempt in retrying:
                 with attempt:
                     return await self._send_once(
-                        model, method, path, template, params, body, idempotent
+                        model, method, path, template, params, body, idempotent, on_send
                     )
         except _NotSent as exc:
             raise ApiUnreachableError(exc.api_message, method=method, path=template) from None
@@ -226,6 +234,7 @@ class ImagesClient:
         params: Mapping[str, str] | None,
         body: Mapping[str, Any] | None,
         idempotent: bool,
+        on_send: Callable[[], None] | None,
     ) -> Any:
         context: dict[str, Any] = {"method": method, "path": template}
         async with self._governor.slot():
@@ -238,11 +247,13 @@ class ImagesClient:
                 "User-Agent": _USER_AGENT,
             }
             timeout = aiohttp.ClientTimeout(total=self._settings.request_timeout)
-            self.sent[f"{method} {template}"] += 1
             try:
                 # A create that has left must be allowed to finish, so that a stop
                 # (cancellation) never turns a known answer into an unknown one.
                 with anyio.CancelScope(shield=not idempotent):
+                    if on_send is not None:
+                        on_send()
+                    self.sent[f"{method} {template}"] += 1
                     async with self._session.request(
                         method,
                         self._base + path,

@@ -1,12 +1,19 @@
 """The run: submit every planned import under the governor, wait for each, report.
 
 One task per image inside one task group. Each task turns its own failures into
-an :class:`~importer.report.Outcome`; only bugs and cancellation escape it. Two
-failures end the whole run instead, because nothing more can succeed after them:
-a 401 (the token is refused) and an unreachable API. Then every other task is
-cancelled, no request is sent after the 401, and the report is still written:
-images already submitted are ``pending`` (with their ids), the rest
-``not_submitted``.
+an :class:`~importer.report.Outcome`; only bugs and cancellation escape it.
+
+Some failures end the whole run instead, because nothing more can succeed after
+them: a 401 (the token is refused; no request is sent after it) and an
+unreachable API. A stop asked for from outside (a signal, the deadline) ends it
+the same way. Then the other tasks are cancelled, creates already on the wire
+are allowed to finish (their answers are journaled), and the report is still
+written: images already submitted are ``pending`` (with their ids), the rest
+``not_submitted``. A later run with the same state resumes them.
+
+Never a duplicate: a create whose answer is lost is not sent again blindly. The
+entry becomes *uncertain*, and the importer looks for the image by the entry's
+tag before it sends another create (see :meth:`Importer._reconcile`).
 """
 
 from __future__ import annotations
@@ -32,12 +39,33 @@ from importer.errors import (
     UncertainCreateError,
 )
 from importer.governor import Governor, Window
+from importer.journal import MEMORY, EntryState, Journal, Phase
 from importer.manifest import Manifest
 from importer.plan import PlannedImport, make_plan
 from importer.poller import StatusPoller
 from importer.redact import redact_text
 from importer.report import ImageResult, Outcome, Report
 from importer.settings import Settings
+
+Log = structlog.typing.FilteringBoundLogger
+
+
+class Stopper:
+    """Asks a running import to stop; create it inside the event loop."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+        self.reason: str | None = None
+
+    def stop(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self._event.set()
+
+    async def wait(self) -> str:
+        await self._event.wait()
+        assert self.reason is not None
+        return self.reason
 
 
 @dataclass
@@ -49,22 +77,24 @@ class _Progress:
 
 
 class Importer:
-    """Runs one plan against one API; :meth:`run` once, then :meth:`report`."""
+    """Runs one plan against one API; :meth:`run` once, then :meth:`results`."""
 
     def __init__(
         self,
         plan: Sequence[PlannedImport],
         client: ImagesClient,
         poller: StatusPoller,
+        journal: Journal,
         clock: Clock,
         settings: Settings,
     ) -> None:
         self._plan = tuple(plan)
         self._client = client
         self._poller = poller
+        self._journal = journal
         self._clock = clock
         self._settings = settings
-        self._log = structlog.get_logger("importer.pipeline")
+        self._log: Log = structlog.get_logger("importer.pipeline")
         self._progress = {
             item.index: _Progress(
                 ImageResult(
@@ -78,14 +108,20 @@ class Importer:
             for item in self._plan
         }
         self._scope: anyio.CancelScope | None = None
+        #: Whether listings show images still importing: learned, never assumed.
+        self._lists_in_progress = False
         self.stopped: str | None = None
 
     # -- running ------------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self, stopper: Stopper | None = None) -> None:
         self._log.info("run.started", images=len(self._plan), api_url=self._settings.api_url)
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._report_progress)
+            if stopper is not None:
+                outer.start_soon(self._stop_when_asked, stopper)
+            if self._settings.deadline is not None:
+                outer.start_soon(self._stop_at_deadline, self._settings.deadline)
             with anyio.CancelScope() as self._scope:
                 async with anyio.create_task_group() as images:
                     for item in self._plan:
@@ -103,49 +139,171 @@ class Importer:
         if self._scope is not None:
             self._scope.cancel()
 
+    async def _stop_when_asked(self, stopper: Stopper) -> None:
+        self.stop(await stopper.wait())
+
+    async def _stop_at_deadline(self, seconds: float) -> None:
+        await self._clock.sleep(seconds)
+        self.stop("deadline")
+
     async def _import_one(self, item: PlannedImport) -> None:
         log = self._log.bind(index=item.index, name=item.entry.name, region=item.entry.region)
+        state = self._journal.get(item.tag)
+        if state is not None and state.phase is Phase.FINISHED:
+            self._restore(item, state)
+            log.info("image.resumed", outcome=state.outcome, image_id=state.image_id)
+            return
         try:
-            image = await self._submit(item, log)
-            if image is None:
+            image_id = await self._ensure_submitted(item, state, log)
+            if image_id is None:
                 return
             with anyio.move_on_after(self._settings.image_timeout):
-                final = await self._poller.wait(image.id, lambda i: self._saw(item, i, log))
+                final = await self._poller.wait(image_id, lambda i: self._saw(item, i, log))
+                if final.is_available and self._was_uncertain(item):
+                    await self._remove_duplicates(item, keep=final.id, log=log)
                 self._finished_with(item, final, log)
                 return
             self._finish(item, Outcome.TIMED_OUT, error="timed out waiting for the import")
-            log.warning("image.timed_out", image_id=image.id, timeout=self._settings.image_timeout)
+            log.warning("image.timed_out", image_id=image_id, timeout=self._settings.image_timeout)
         except AuthenticationError as exc:
             self._fail_run(item, "authentication_failed", exc)
         except ApiUnreachableError as exc:
             self._fail_run(item, "api_unreachable", exc)
         except (RejectedError, TransientApiError) as exc:
-            # Polling gave up on this image (e.g. it vanished): its own failure only.
+            # Polling or reconciling gave up on this image (e.g. it vanished).
             self._finish(item, Outcome.FAILED, error=_message(exc))
             log.warning("image.failed", error=_message(exc))
 
-    async def _submit(self, item: PlannedImport, log: structlog.BoundLogger) -> Image | None:
-        try:
-            image = await self._client.create(item.create_request())
-        except RejectedError as exc:
-            self._finish(item, Outcome.REJECTED, error=_message(exc))
-            log.warning("image.rejected", status=exc.status, error=_message(exc))
-            return None
-        except UncertainCreateError as exc:
-            # The create may have worked. Never retry blindly: report what we know.
-            self._finish(item, Outcome.FAILED, error=f"create outcome unknown: {_message(exc)}")
-            log.error("image.uncertain", error=_message(exc))
-            return None
-        self._update(item, image_id=image.id, status=image.status, submitted_at=self._clock.wall())
-        log.info("image.submitted", image_id=image.id, tag=item.tag)
-        return image
+    # -- submitting, without ever making a duplicate --------------------------------
 
-    def _saw(self, item: PlannedImport, image: Image, log: structlog.BoundLogger) -> None:
+    async def _ensure_submitted(
+        self, item: PlannedImport, state: EntryState | None, log: Log
+    ) -> int | None:
+        """The entry's image id, creating the image if (and only if) it does not exist."""
+        if state is not None and state.phase is Phase.SUBMITTED and state.image_id is not None:
+            self._update(item, image_id=state.image_id, status=state.status,
+                         submitted_at=state.submitted_at)
+            log.info("image.resumed", image_id=state.image_id, status=state.status)
+            return state.image_id
+        # A previous run sent a create and never learned its outcome.
+        uncertain = state is not None and state.phase is Phase.CREATING
+        creates = state.uncertain if state is not None else 0
+        while True:
+            if uncertain:
+                found = await self._reconcile(item, log)
+                if found is not None:
+                    return self._submitted(item, found, log, adopted=True)
+            if creates >= self._settings.max_creates:
+                error = f"gave up after {creates} creates whose outcome stayed unknown"
+                self._finish(item, Outcome.FAILED, error=error)
+                log.error("image.abandoned", creates=creates)
+                return None
+            creates += 1
+            try:
+                image = await self._client.create(
+                    item.create_request(),
+                    on_send=lambda: self._journal.creating(
+                        item.tag, item.entry.name, item.entry.region, self._clock.wall()
+                    ),
+                )
+            except RejectedError as exc:
+                self._finish(item, Outcome.REJECTED, error=_message(exc))
+                log.warning("image.rejected", status=exc.status, error=_message(exc))
+                return None
+            except UncertainCreateError as exc:
+                self._journal.uncertain(item.tag, self._clock.wall())
+                log.warning("image.uncertain", error=_message(exc), creates=creates)
+                uncertain = True
+                continue
+            return self._submitted(item, image, log, adopted=False)
+
+    def _submitted(self, item: PlannedImport, image: Image, log: Log, *, adopted: bool) -> int:
+        now = self._clock.wall()
+        self._journal.submitted(item.tag, image.id, image.status, now)
+        self._update(item, image_id=image.id, status=image.status, submitted_at=now)
+        log.info("image.adopted" if adopted else "image.submitted", image_id=image.id, tag=item.tag)
+        return image.id
+
+    async def _reconcile(self, item: PlannedImport, log: Log) -> Image | None:
+        """The image an uncertain create made, or ``None`` once it surely does not exist.
+
+        Images are found by the entry's tag. An image still importing may be
+        missing from listings (DigitalOcean does not say), so "not listed" proves
+        absence only once listings are known to show importing images, or once
+        ``reconcile_window`` has passed: by then any image the lost create made
+        has finished, and is listed if it lives (failed images drop out of
+        listings, and a failed image is no duplicate).
+        """
+        give_up_at = self._clock.monotonic() + self._settings.reconcile_after
+        while True:
+            images = await self._client.list(tag_name=item.tag)
+            self._learn_listing(images)
+            live = [image for image in images if not image.has_failed]
+            if live:
+                keep = min(live, key=lambda i: (not i.is_available, i.id))
+                await self._delete_extras(item, live, keep.id, log)
+                return keep
+            if self._lists_in_progress or await self._probe_listing():
+                log.info("image.absent", tag=item.tag)
+                return None
+            if self._clock.monotonic() >= give_up_at:
+                log.info("image.absent", tag=item.tag, waited=self._settings.reconcile_after)
+                return None
+            log.info("image.reconciling", tag=item.tag)
+            await self._clock.sleep(self._settings.poll_interval)
+
+    def _learn_listing(self, images: Sequence[Image]) -> None:
+        if not self._lists_in_progress and any(i.status in ("NEW", "pending") for i in images):
+            self._lists_in_progress = True
+            self._log.info("listing.shows_in_progress")
+
+    async def _probe_listing(self) -> bool:
+        """Whether listings show importing images, asked of one image known to be importing."""
+        for item in self._plan:
+            result = self._progress[item.index].result
+            if result.image_id is not None and result.status in ("NEW", "pending"):
+                self._learn_listing(await self._client.list(tag_name=item.tag))
+                break
+        return self._lists_in_progress
+
+    def _was_uncertain(self, item: PlannedImport) -> bool:
+        state = self._journal.get(item.tag)
+        return state is not None and state.uncertain > 0
+
+    async def _remove_duplicates(self, item: PlannedImport, *, keep: int, log: Log) -> None:
+        """After an uncertain create, make sure the entry ends with exactly one image."""
+        images = await self._client.list(tag_name=item.tag)
+        live = [image for image in images if not image.has_failed]
+        await self._delete_extras(item, live, keep, log)
+
+    async def _delete_extras(
+        self, item: PlannedImport, live: Sequence[Image], keep: int, log: Log
+    ) -> None:
+        extras = tuple(sorted(image.id for image in live if image.id != keep))
+        if not extras:
+            return
+        for image_id in extras:
+            log.warning("image.duplicate", image_id=image_id, kept=keep)
+            try:
+                await self._client.delete(image_id)
+            except RejectedError as exc:
+                if exc.status != 404:  # already gone is what we wanted
+                    raise
+        known = self._progress[item.index].result.duplicates_deleted
+        deleted = tuple(sorted({*known, *extras}))
+        self._journal.duplicates(item.tag, deleted, self._clock.wall())
+        self._update(item, duplicates_deleted=deleted)
+        log.warning("image.duplicates_deleted", image_ids=list(extras), kept=keep)
+
+    # -- watching -------------------------------------------------------------------
+
+    def _saw(self, item: PlannedImport, image: Image, log: Log) -> None:
         if self._progress[item.index].result.status != image.status:
             log.info("image.status", image_id=image.id, status=image.status)
+            self._journal.status(item.tag, image.status, self._clock.wall())
         self._update(item, status=image.status)
 
-    def _finished_with(self, item: PlannedImport, image: Image, log: structlog.BoundLogger) -> None:
+    def _finished_with(self, item: PlannedImport, image: Image, log: Log) -> None:
         if image.is_available:
             self._finish(item, Outcome.AVAILABLE)
             log.info("image.available", image_id=image.id)
@@ -167,8 +325,24 @@ class Importer:
 
     def _finish(self, item: PlannedImport, outcome: Outcome, *, error: str | None = None) -> None:
         progress = self._progress[item.index]
+        now = self._clock.wall()
+        progress.result = replace(progress.result, outcome=outcome, error=error, finished_at=now)
+        progress.done = True
+        self._journal.finished(
+            item.tag, item.entry.name, item.entry.region, outcome.value, error, now
+        )
+
+    def _restore(self, item: PlannedImport, state: EntryState) -> None:
+        progress = self._progress[item.index]
         progress.result = replace(
-            progress.result, outcome=outcome, error=error, finished_at=self._clock.wall()
+            progress.result,
+            outcome=Outcome(state.outcome or Outcome.FAILED),
+            image_id=state.image_id,
+            status=state.status,
+            error=state.error,
+            submitted_at=state.submitted_at,
+            finished_at=state.finished_at,
+            duplicates_deleted=state.duplicates,
         )
         progress.done = True
 
@@ -181,16 +355,17 @@ class Importer:
         while True:
             await self._clock.sleep(self._settings.progress_interval)
             counts = Counter(
-                (
-                    p.result.outcome.value
-                    if p.done
-                    else "importing"
-                    if p.result.image_id is not None
-                    else "queued"
-                )
+                p.result.outcome.value
+                if p.done
+                else ("importing" if p.result.image_id is not None else "queued")
                 for p in self._progress.values()
             )
-            self._log.info("run.progress", total=len(self._progress), **counts)
+            self._log.info(
+                "run.progress",
+                total=len(self._progress),
+                requests=self._client.requests_sent,
+                **counts,
+            )
 
     def results(self) -> tuple[ImageResult, ...]:
         return tuple(self._progress[item.index].result for item in self._plan)
@@ -201,12 +376,15 @@ async def run_import(
     settings: Settings,
     *,
     clock: Clock | None = None,
+    stopper: Stopper | None = None,
     seed: int | None = None,
 ) -> Report:
     """Import every image of ``manifest``; the report says how each ended.
 
-    Raises only for bugs and cancellation: every API failure becomes part of the
-    report (``report.stopped`` says if the run ended early, and why).
+    Raises only for bugs, cancellation, and a state file that cannot be used
+    (:class:`~importer.errors.StateLockedError` when another process holds it).
+    Every API failure becomes part of the report; ``report.stopped`` says whether
+    the run ended early, and why.
     """
     clock = clock or LoopClock()
     rng = random.Random(seed)  # noqa: S311 - jitter, not cryptography
@@ -216,18 +394,19 @@ async def run_import(
         windows=(Window(settings.per_minute, 60.0), Window(settings.per_hour, 3600.0)),
     )
     started = clock.wall()
-    connector = aiohttp.TCPConnector(limit=settings.concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        client = ImagesClient(session, settings, governor, clock, rng=rng)
-        poller = StatusPoller(
-            client,
-            clock,
-            first_poll=settings.first_poll,
-            poll_interval=settings.poll_interval,
-            rng=rng,
-        )
-        importer = Importer(make_plan(manifest), client, poller, clock, settings)
-        await importer.run()
+    with Journal(settings.state_path or MEMORY) as journal:
+        connector = aiohttp.TCPConnector(limit=settings.concurrency)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            client = ImagesClient(session, settings, governor, clock, rng=rng)
+            poller = StatusPoller(
+                client,
+                clock,
+                first_poll=settings.first_poll,
+                poll_interval=settings.poll_interval,
+                rng=rng,
+            )
+            importer = Importer(make_plan(manifest), client, poller, journal, clock, settings)
+            await importer.run(stopper)
     return Report(
         manifest=manifest.source,
         api_url=settings.api_url,

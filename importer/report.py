@@ -52,12 +52,15 @@ class ImageResult:
     error: str | None = None
     submitted_at: float | None = None
     finished_at: float | None = None
+    #: Extra copies that lost create answers made, found by tag and deleted.
+    duplicates_deleted: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["outcome"] = self.outcome.value
         data["submitted_at"] = _iso(self.submitted_at)
         data["finished_at"] = _iso(self.finished_at)
+        data["duplicates_deleted"] = list(self.duplicates_deleted)
         return data
 
 
@@ -89,6 +92,7 @@ class Report:
         summary.update({outcome.value: counts.get(outcome, 0) for outcome in Outcome})
         summary["requests"] = self.requests
         summary["rate_limited"] = self.rate_limited
+        summary["duplicates_deleted"] = sum(len(r.duplicates_deleted) for r in self.images)
         return {
             "report_version": REPORT_VERSION,
             "manifest": self.manifest,

@@ -99,9 +99,24 @@ class Settings:
     backoff_max: float = 60.0
     #: Retries of one request answered 429; each waits for the pause the API asked for.
     max_rate_limited: int = 30
+    #: Creates sent for one entry before it is given up (each after the previous
+    #: one's outcome was unknown and reconciliation found no image).
+    max_creates: int = 3
+    #: How long an image whose create answer was lost may stay invisible in
+    #: listings before it is taken as absent. ``None``: the per-image timeout, the
+    #: longest an import in progress (which listings may hide) can take.
+    reconcile_window: float | None = None
+    #: Stop the run this long after it started (nightly windows); ``None``: no limit.
+    deadline: float | None = None
     #: How often a progress line is logged.
     progress_interval: float = 30.0
     report_path: Path = Path("import-report.json")
+    #: The journal; ``None`` keeps it in memory (nothing to resume from).
+    state_path: Path | None = None
+
+    @property
+    def reconcile_after(self) -> float:
+        return self.image_timeout if self.reconcile_window is None else self.reconcile_window
 
     def __post_init__(self) -> None:
         check_api_url(self.api_url)
@@ -113,6 +128,7 @@ class Settings:
             "poll_interval": self.poll_interval,
             "image_timeout": self.image_timeout,
             "request_timeout": self.request_timeout,
+            "max_creates": self.max_creates,
         }
         for name, value in positive.items():
             if value <= 0:

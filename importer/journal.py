@@ -1,0 +1,248 @@
+"""The durable journal: what was sent, what came back, in SQLite.
+
+The journal is what makes a run safe to kill. It is written *before* a create
+leaves (so a crash right after sending is remembered as "maybe created") and as
+soon as anything is learned (image id, each status, the outcome). Each write is
+one SQLite transaction in WAL mode: a ``kill -9`` at any instant leaves either
+the state before the write or the state after it, never half of it.
+
+Rows are keyed by the entry tag (see :mod:`importer.plan`), so one state file
+can serve several manifests, and a rerun of a manifest finds its entries again.
+
+One process at a time: :class:`Journal` holds an exclusive ``flock`` on
+``<state>.lock`` for as long as it is open; the kernel releases it when the
+process dies, however it dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+
+from importer.errors import ImporterError, StateLockedError
+
+MEMORY = ":memory:"
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    tag           TEXT PRIMARY KEY,
+    name          TEXT NOT NULL,
+    region        TEXT NOT NULL,
+    phase         TEXT NOT NULL,
+    image_id      INTEGER,
+    status        TEXT,
+    outcome       TEXT,
+    error         TEXT,
+    creates_sent  INTEGER NOT NULL DEFAULT 0,
+    uncertain     INTEGER NOT NULL DEFAULT 0,
+    duplicates    TEXT NOT NULL DEFAULT '[]',
+    submitted_at  REAL,
+    finished_at   REAL,
+    updated_at    REAL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class Phase(StrEnum):
+    """Where an entry stands, as far as the journal knows."""
+
+    #: A create is about to leave, or left and its answer is not known.
+    CREATING = "creating"
+    #: The API answered the create: the image id is known.
+    SUBMITTED = "submitted"
+    #: Nothing more will be done for this entry (see ``outcome``).
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class EntryState:
+    """One row of the journal."""
+
+    tag: str
+    name: str
+    region: str
+    phase: Phase
+    image_id: int | None
+    status: str | None
+    outcome: str | None
+    error: str | None
+    creates_sent: int
+    uncertain: int
+    duplicates: tuple[int, ...]
+    submitted_at: float | None
+    finished_at: float | None
+
+
+class StateFileError(ImporterError):
+    """The state file cannot be opened or is not an importer journal."""
+
+    exit_code = 2
+
+
+class Journal:
+    """An open journal. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        self._lock_fd: int | None = None
+        if self.path != MEMORY:
+            self._lock_fd = _lock(Path(self.path))
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL is durable against a killed process (the WAL is in the OS's
+            # hands before commit returns); only a power cut can lose the last writes,
+            # and reconciliation by tag covers those.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            self._check_version()
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise StateFileError(
+                f"{self.path} is not a usable importer state file ({exc}); "
+                "pass another --state path, or move this file away"
+            ) from None
+
+    def _check_version(self) -> None:
+        row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            self._db.execute(
+                "INSERT INTO meta(key, value) VALUES ('schema', ?)", (str(_SCHEMA_VERSION),)
+            )
+        elif row[0] != str(_SCHEMA_VERSION):
+            raise sqlite3.DatabaseError(f"schema version {row[0]}, expected {_SCHEMA_VERSION}")
+
+    # -- reading --------------------------------------------------------------------
+
+    def get(self, tag: str) -> EntryState | None:
+        row = self._db.execute(
+            "SELECT tag, name, region, phase, image_id, status, outcome, error, creates_sent,"
+            " uncertain, duplicates, submitted_at, finished_at FROM entries WHERE tag = ?",
+            (tag,),
+        ).fetchone()
+        if row is None:
+            return None
+        return EntryState(
+            tag=row[0],
+            name=row[1],
+            region=row[2],
+            phase=Phase(row[3]),
+            image_id=row[4],
+            status=row[5],
+            outcome=row[6],
+            error=row[7],
+            creates_sent=row[8],
+            uncertain=row[9],
+            duplicates=tuple(json.loads(row[10])),
+            submitted_at=row[11],
+            finished_at=row[12],
+        )
+
+    # -- writing --------------------------------------------------------------------
+
+    def creating(self, tag: str, name: str, region: str, now: float) -> None:
+        """A create for ``tag`` is about to leave: from here on it may exist."""
+        self._db.execute(
+            "INSERT INTO entries(tag, name, region, phase, creates_sent, updated_at)"
+            " VALUES (?, ?, ?, 'creating', 1, ?)"
+            " ON CONFLICT(tag) DO UPDATE SET phase='creating', image_id=NULL, status=NULL,"
+            " outcome=NULL, error=NULL, creates_sent=creates_sent+1,"
+            " updated_at=excluded.updated_at",
+            (tag, name, region, now),
+        )
+
+    def uncertain(self, tag: str, now: float) -> None:
+        """The create's answer was lost: the image may or may not exist."""
+        self._update(tag, now, "uncertain = uncertain + 1")
+
+    def submitted(self, tag: str, image_id: int, status: str, now: float) -> None:
+        self._update(
+            tag,
+            now,
+            "phase='submitted', image_id=?, status=?, submitted_at=COALESCE(submitted_at, ?)",
+            image_id,
+            status,
+            now,
+        )
+
+    def status(self, tag: str, status: str, now: float) -> None:
+        self._update(tag, now, "status=?", status)
+
+    def duplicates(self, tag: str, image_ids: tuple[int, ...], now: float) -> None:
+        self._update(tag, now, "duplicates=?", json.dumps(sorted(image_ids)))
+
+    def finished(
+        self,
+        tag: str,
+        name: str,
+        region: str,
+        outcome: str,
+        error: str | None,
+        now: float,
+    ) -> None:
+        self._db.execute(
+            "INSERT INTO entries(tag, name, region, phase, outcome, error, finished_at, updated_at)"
+            " VALUES (?, ?, ?, 'finished', ?, ?, ?, ?)"
+            " ON CONFLICT(tag) DO UPDATE SET phase='finished', outcome=excluded.outcome,"
+            " error=excluded.error, finished_at=excluded.finished_at,"
+            " updated_at=excluded.updated_at",
+            (tag, name, region, outcome, error, now, now),
+        )
+
+    def _update(self, tag: str, now: float, assignments: str, *values: object) -> None:
+        self._db.execute(
+            f"UPDATE entries SET {assignments}, updated_at=? WHERE tag=?",  # noqa: S608 - constant SQL
+            (*values, now, tag),
+        )
+
+    # -- lifetime -------------------------------------------------------------------
+
+    def close(self) -> None:
+        with contextlib.suppress(AttributeError, sqlite3.Error):
+            self._db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _lock(path: Path) -> int:
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StateFileError(
+            f"cannot open the state lock {lock_path}: {exc.strerror or exc}; "
+            "check the directory exists and is writable, or pass another --state"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StateLockedError(
+            f"another importer (pid {holder}) is using the state file {path}; "
+            "wait for it to finish, or give this run another --state"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
