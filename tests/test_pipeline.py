@@ -79,7 +79,7 @@ async def test_failed_imports_are_reported_with_the_api_message() -> None:
 
 @pytest.mark.anyio
 async def test_401_mid_run_stops_every_request() -> None:
-    """After the first 401 no request is sent; submitted images are pending, others not_submitted."""
+    """After the first 401 nothing is sent; submitted images are pending, others not_submitted."""
     with capture_logs() as logs:
         report, world = await run_against(image_urls(10), sim={"revoke_after": 6}, concurrency=1)
     assert report.stopped == "authentication_failed"
@@ -129,7 +129,8 @@ async def test_stuck_image_times_out() -> None:
     ]
     timed_out = report.images[0]
     assert timed_out.status == "pending"
-    assert timed_out.finished_at is not None and timed_out.submitted_at is not None
+    assert timed_out.finished_at is not None
+    assert timed_out.submitted_at is not None
     assert timed_out.finished_at - timed_out.submitted_at == pytest.approx(600.0, abs=1.0)
     assert any(entry["event"] == "image.timed_out" for entry in logs)
 
@@ -152,7 +153,7 @@ async def test_rejected_create_is_reported_and_not_retried() -> None:
 @pytest.mark.anyio
 async def test_wrong_token_from_the_start() -> None:
     """A refused token stops the run at the first answer; nothing is submitted."""
-    async with run_simulator(SimulatorConfig.demo(token="the-right-one")) as simulator:  # noqa: S106
+    async with run_simulator(SimulatorConfig.demo(token="the-right-one")) as simulator:
         report = await run_import(
             manifest_of(*image_urls(5)), settings_for(simulator.base_url, concurrency=1)
         )
