@@ -1,0 +1,210 @@
+"""The journal: resume from each state, reconcile lost creates, never a duplicate, one process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from structlog.testing import capture_logs
+
+from importer.errors import StateLockedError
+from importer.journal import Journal, Phase
+from importer.pipeline import Stopper, run_import
+from importer.plan import make_plan
+from importer.report import Outcome
+from importer.simulator import SimulatorConfig, World, run_simulator
+from tests.helpers import image_urls, manifest_of, settings_for
+from tests.test_pipeline import live_images_by_tag
+
+MANIFEST = manifest_of(*image_urls(6))
+PLAN = make_plan(MANIFEST)
+
+
+def create_in_world(world: World, index: int) -> int:
+    """Make the entry's image directly in the simulator, as a create whose answer was lost."""
+    body: dict[str, Any] = PLAN[index].create_request().body()
+    return world.create_image(body).id
+
+
+@pytest.mark.anyio
+async def test_finished_entries_are_not_touched_again(tmp_path: Path) -> None:
+    """A second run with the same state sends nothing and reports the first run's outcomes."""
+    state = tmp_path / "state.sqlite"
+    async with run_simulator(SimulatorConfig.demo()) as sim:
+        settings = settings_for(sim.base_url, state_path=state)
+        first = await run_import(MANIFEST, settings)
+        before = sum(sim.world.request_counts.values())
+        with capture_logs() as logs:
+            second = await run_import(MANIFEST, settings)
+        after = sum(sim.world.request_counts.values())
+    assert after == before
+    assert [r.outcome for r in second.images] == [Outcome.AVAILABLE] * 6
+    assert [r.image_id for r in second.images] == [r.image_id for r in first.images]
+    assert sum(e["event"] == "image.resumed" for e in logs) == 6
+
+
+@pytest.mark.anyio
+async def test_stopped_run_resumes_by_polling_not_resubmitting(tmp_path: Path) -> None:
+    """Stopped by its deadline with images pending, the next run polls them: still one POST each."""
+    state = tmp_path / "state.sqlite"
+    async with run_simulator(SimulatorConfig.demo(pending_seconds=30.0)) as sim:
+        first = await run_import(MANIFEST, settings_for(sim.base_url, state_path=state, deadline=5))
+        assert first.stopped == "deadline"
+        assert {r.outcome for r in first.images} == {Outcome.PENDING}
+        assert all(r.image_id is not None for r in first.images)
+        second = await run_import(MANIFEST, settings_for(sim.base_url, state_path=state))
+        posts = sim.world.request_counts["POST /v2/images"]
+    assert [r.outcome for r in second.images] == [Outcome.AVAILABLE] * 6
+    assert [r.image_id for r in second.images] == [r.image_id for r in first.images]
+    assert posts == 6
+
+
+@pytest.mark.anyio
+async def test_deadline_before_any_submission_reports_not_submitted(tmp_path: Path) -> None:
+    """Entries never sent before the stop are `not_submitted`, and a later run submits them."""
+    state = tmp_path / "state.sqlite"
+    config = SimulatorConfig.demo(per_minute=2)
+    async with run_simulator(config) as sim:
+        settings = settings_for(sim.base_url, state_path=state, per_minute=2, deadline=30)
+        first = await run_import(MANIFEST, settings)
+        outcomes = [r.outcome for r in first.images]
+        assert first.stopped == "deadline"
+        assert outcomes.count(Outcome.NOT_SUBMITTED) >= 3
+        second = await run_import(MANIFEST, settings_for(sim.base_url, state_path=state))
+        assert [r.outcome for r in second.images] == [Outcome.AVAILABLE] * 6
+        assert live_images_by_tag(sim.world) == {item.tag: 1 for item in PLAN}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("list_in_progress", [True, False])
+async def test_uncertain_create_found_by_tag_is_adopted(
+    tmp_path: Path, list_in_progress: bool
+) -> None:
+    """A journaled create with no answer whose image exists is adopted, never sent again."""
+    state = tmp_path / "state.sqlite"
+    with Journal(state) as journal:
+        journal.creating(PLAN[0].tag, "img-0", "nyc3", 0.0)
+    config = SimulatorConfig.demo(list_in_progress=list_in_progress)
+    async with run_simulator(config) as sim:
+        made = create_in_world(sim.world, 0)
+        with capture_logs() as logs:
+            report = await run_import(MANIFEST, settings_for(sim.base_url, state_path=state))
+        posts = sim.world.request_counts["POST /v2/images"]
+    assert report.images[0].image_id == made
+    assert report.images[0].outcome is Outcome.AVAILABLE
+    assert posts == 5  # the five other entries only
+    assert any(e["event"] == "image.adopted" for e in logs)
+
+
+@pytest.mark.anyio
+async def test_uncertain_create_that_made_nothing_is_sent_again(tmp_path: Path) -> None:
+    """A journaled create that made no image is resubmitted once it is surely absent."""
+    state = tmp_path / "state.sqlite"
+    with Journal(state) as journal:
+        journal.creating(PLAN[0].tag, "img-0", "nyc3", 0.0)
+    async with run_simulator(SimulatorConfig.demo()) as sim:
+        settings = settings_for(sim.base_url, state_path=state, reconcile_window=120.0)
+        with capture_logs() as logs:
+            report = await run_import(MANIFEST, settings)
+        posts = sim.world.request_counts["POST /v2/images"]
+    assert [r.outcome for r in report.images] == [Outcome.AVAILABLE] * 6
+    assert posts == 6
+    assert any(e["event"] == "image.absent" for e in logs)
+
+
+@pytest.mark.anyio
+async def test_duplicates_found_by_tag_are_deleted_and_reported(tmp_path: Path) -> None:
+    """Two images for one uncertain entry: one is kept, the extra deleted and reported."""
+    state = tmp_path / "state.sqlite"
+    with Journal(state) as journal:
+        journal.creating(PLAN[0].tag, "img-0", "nyc3", 0.0)
+    config = SimulatorConfig.demo(list_in_progress=True)
+    async with run_simulator(config) as sim:
+        first, second = create_in_world(sim.world, 0), create_in_world(sim.world, 0)
+        report = await run_import(MANIFEST, settings_for(sim.base_url, state_path=state))
+        live = live_images_by_tag(sim.world)
+    result = report.images[0]
+    assert result.outcome is Outcome.AVAILABLE
+    assert result.image_id == first
+    assert result.duplicates_deleted == (second,)
+    assert report.to_json()["summary"]["duplicates_deleted"] == 1
+    assert live[PLAN[0].tag] == 1
+
+
+@pytest.mark.anyio
+async def test_lost_create_answers_never_leave_duplicates(tmp_path: Path) -> None:
+    """With half the create answers lost, every entry still ends with exactly one live image."""
+    manifest = manifest_of(*image_urls(30))
+    config = SimulatorConfig.demo(lost_create_rate=0.5, seed=3)
+    async with run_simulator(config) as sim:
+        settings = settings_for(sim.base_url, state_path=tmp_path / "s.sqlite", max_creates=10)
+        report = await run_import(manifest, settings)
+        live = live_images_by_tag(sim.world)
+        lost = sim.world.fault_counts["lost_create"]
+    assert lost > 0
+    assert [r.outcome for r in report.images] == [Outcome.AVAILABLE] * 30
+    assert live == {item.tag: 1 for item in make_plan(manifest)}
+
+
+@pytest.mark.anyio
+async def test_journal_records_each_step(tmp_path: Path) -> None:
+    """After a run the journal holds the id, last status and outcome of every entry."""
+    state = tmp_path / "state.sqlite"
+    async with run_simulator(SimulatorConfig.demo()) as sim:
+        report = await run_import(MANIFEST, settings_for(sim.base_url, state_path=state))
+    with Journal(state) as journal:
+        for item, result in zip(PLAN, report.images, strict=True):
+            row = journal.get(item.tag)
+            assert row is not None
+            assert row.phase is Phase.FINISHED
+            assert row.image_id == result.image_id
+            assert row.status == "available"
+            assert row.outcome == "available"
+            assert row.creates_sent == 1
+
+
+def test_second_process_on_the_same_state_is_refused(tmp_path: Path) -> None:
+    """While one journal is open, opening it again fails with a message naming the holder."""
+    state = tmp_path / "state.sqlite"
+    with Journal(state), pytest.raises(StateLockedError, match="another importer"):
+        Journal(state)
+    with Journal(state):  # released on close
+        pass
+
+
+def test_state_file_that_is_not_a_journal(tmp_path: Path) -> None:
+    """A file that is not SQLite is refused with advice, not a traceback."""
+    state = tmp_path / "state.sqlite"
+    state.write_text("not a database")
+    with pytest.raises(Exception, match="not a usable importer state file"):
+        Journal(state)
+
+
+@pytest.mark.anyio
+async def test_stop_request_lets_creates_in_flight_finish(tmp_path: Path) -> None:
+    """A stop while creates are on the wire: each answered create is journaled with its id."""
+    state = tmp_path / "state.sqlite"
+    config = SimulatorConfig.demo(slow_rate=1.0, slow_seconds=5.0)
+    async with run_simulator(config) as sim:
+        stopper = Stopper()
+
+        async def stop_soon() -> None:
+            await anyio.sleep(1.0)  # virtual: every create is on the wire by now
+            stopper.stop("interrupted")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop_soon)
+            report = await run_import(
+                MANIFEST, settings_for(sim.base_url, state_path=state), stopper=stopper
+            )
+        made = {image.id for image in sim.world.images.values()}
+    assert report.stopped == "interrupted"
+    recorded = {r.image_id for r in report.images if r.image_id is not None}
+    assert recorded == made
+    assert {r.outcome for r in report.images} <= {Outcome.PENDING, Outcome.NOT_SUBMITTED}
+    with Journal(state) as journal:
+        for item in PLAN:
+            row = journal.get(item.tag)
+            assert row is None or row.phase is Phase.SUBMITTED
