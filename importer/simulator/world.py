@@ -1,0 +1,719 @@
+"""The simulated DigitalOcean account: pure state and rules, no HTTP.
+
+Images, their lifecycle, rate limits, fault decisions and request counters live
+here; ``app.py`` only translates HTTP to calls on a :class:`World`. Nothing runs
+in the background: an image's status is computed from the injected clock each
+time it is read, so virtual time can jump over a ten-minute import at once.
+
+Per-image outcomes are decided by markers in the URL's file name (see
+``MARKERS``) and by draws from a generator seeded with ``seed + url path + name``,
+so the same entry has the same fate whatever order requests arrive in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import re
+import uuid
+from collections import Counter, deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from importer.catalog import (
+    DECOMPRESS_ERROR,
+    DISTRIBUTIONS,
+    PER_PAGE_MAX,
+    REGIONS,
+    rejected_suffix,
+    tag_problem,
+)
+from importer.clock import Clock, isoformat
+from importer.simulator.config import SimulatorConfig
+
+Json = dict[str, Any]
+
+FIRST_IMAGE_ID: Final = 150_000_001
+FIRST_ACTION_ID: Final = 2_000_000_001
+GIB: Final = 2**30
+MIB: Final = 2**20
+PER_PAGE_DEFAULT: Final = 20
+MAX_DECOMPRESSED_GIB: Final = 100.0
+#: Illustrative ratio of decompressed to compressed size, for ``min_disk_size``.
+COMPRESSION_RATIO: Final = 3.0
+
+UNAUTHORIZED_MESSAGE: Final = "Unable to authenticate you."
+NOT_FOUND_MESSAGE: Final = "The resource you were accessing could not be found."
+RATE_LIMITED_MESSAGE: Final = "API rate limit exceeded."
+
+# The exact text DigitalOcean gives for a failed download is not documented
+# anywhere we know of; this message is illustrative. Clients must show whatever
+# error_message says, never match on it.
+DOWNLOAD_ERROR: Final = (
+    "We were unable to download your image from the URL provided. Please make sure the URL "
+    "is publicly accessible, names a file and answers HEAD requests."
+)
+# Also illustrative: an ISO is not an archive, so DECOMPRESS_ERROR would be wrong for it.
+UNSUPPORTED_FORMAT_ERROR: Final = (
+    "The image format is not supported. Please upload a raw, qcow2, vhdx, vdi or vmdk image, "
+    "optionally compressed with gzip or bzip2."
+)
+TOO_LARGE_ERROR: Final = "The image is larger than 100 GB after decompression."
+
+#: Markers recognised in the URL's file name (case-insensitive).
+MARKERS: Final = {
+    "fail-decompress": "fails during pending with DECOMPRESS_ERROR (the real message)",
+    "fail-download": "fails early in pending with an illustrative download message",
+    "fail-fast": "turns deleted exactly fail_fast_seconds after creation",
+    "stuck-new": "never leaves NEW",
+    "stuck-pending": "never leaves pending",
+    "slow": "NEW and pending last slow_factor times longer",
+    "no-head": "the file host answers HEAD with 405 and the import fails to download",
+    "size-<N>G / size-<N>M": "the source file is N GiB / MiB (else a seeded 0.5-8 GiB)",
+}
+_SIZE_MARKER: Final = re.compile(r"size-(\d+(?:\.\d+)?)([gm])", re.IGNORECASE)
+_COMPRESSED_SUFFIXES: Final = (".gz", ".bz2")
+# Archives hold files rather than one compressed stream: DigitalOcean reports
+# those with its decompression error (tf-provider#613 names "multiple files");
+# this mapping is an inference. Other rejected endings get the format message.
+_ARCHIVE_SUFFIXES: Final = frozenset({".xz", ".zip", ".tar.gz", ".tgz", ".7z", ".rar"})
+
+_REGION_CITIES: Final = {
+    "ams": "Amsterdam", "atl": "Atlanta", "blr": "Bangalore", "fra": "Frankfurt",
+    "lon": "London", "nyc": "New York", "ric": "Richmond", "sfo": "San Francisco",
+    "sgp": "Singapore", "syd": "Sydney", "tor": "Toronto",
+}  # fmt: skip
+
+
+class ApiProblem(Exception):
+    """An error answer: HTTP status, DigitalOcean error id and message."""
+
+    def __init__(self, status: int, error_id: str, message: str) -> None:
+        super().__init__(f"{status} {error_id}: {message}")
+        self.status = status
+        self.error_id = error_id
+        self.message = message
+
+
+def _seeded(*parts: object) -> random.Random:
+    # String seeds are hashed with SHA-512 by `random`, independent of PYTHONHASHSEED.
+    return random.Random("|".join(str(p) for p in parts))  # noqa: S311 - simulation, not security
+
+
+@dataclass(frozen=True)
+class ImportPlan:
+    """Everything decided about one import when it was created."""
+
+    new_seconds: float
+    #: ``math.inf`` when stuck in pending.
+    pending_seconds: float
+    #: Seconds after creation when the image turns ``deleted``, or ``None``.
+    fail_after: float | None
+    failure_message: str
+    size_bytes: int
+    compressed: bool
+
+    @property
+    def size_gib(self) -> float:
+        return self.size_bytes / GIB
+
+    @property
+    def decompressed_gib(self) -> float:
+        return self.size_gib * (COMPRESSION_RATIO if self.compressed else 1.0)
+
+    @property
+    def ready_after(self) -> float | None:
+        """Seconds after creation when the image turns ``available``, or ``None`` if never."""
+        if self.fail_after is not None:
+            return None
+        total = self.new_seconds + self.pending_seconds
+        return total if math.isfinite(total) else None
+
+
+@dataclass
+class SimAction:
+    """A ``transfer`` image action: copies an available image to another region."""
+
+    id: int
+    image_id: int
+    region: str
+    started_at: float
+    started_mono: float
+    duration: float
+    clock: Clock = field(repr=False, compare=False)
+
+    @property
+    def status(self) -> str:
+        done = self.clock.monotonic() - self.started_mono >= self.duration
+        return "completed" if done else "in-progress"
+
+    @property
+    def completed_at(self) -> float | None:
+        return self.started_at + self.duration if self.status == "completed" else None
+
+
+@dataclass
+class SimImage:
+    """One custom image; its status is read from the clock, never stored."""
+
+    id: int
+    name: str
+    url: str
+    region: str
+    distribution: str
+    description: str
+    tags: tuple[str, ...]
+    plan: ImportPlan
+    #: Unix time (clock.wall) of creation.
+    created_at: float
+    created_mono: float
+    clock: Clock = field(repr=False, compare=False)
+    deleted_by_user: bool = False
+    deleted_mono: float | None = None
+    transfers: list[SimAction] = field(default_factory=list)
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds of import so far; frozen at the moment the user deleted it."""
+        end = self.deleted_mono if self.deleted_mono is not None else self.clock.monotonic()
+        return end - self.created_mono
+
+    @property
+    def import_status(self) -> str:
+        """The lifecycle status, ignoring a deletion by the user."""
+        plan, elapsed = self.plan, self.elapsed
+        if plan.fail_after is not None and elapsed >= plan.fail_after:
+            return "deleted"
+        if elapsed < plan.new_seconds:
+            return "NEW"
+        # A failing import stays pending until it fails: it never becomes available.
+        if plan.fail_after is not None or elapsed < plan.new_seconds + plan.pending_seconds:
+            return "pending"
+        return "available"
+
+    @property
+    def status(self) -> str:
+        return "deleted" if self.deleted_by_user else self.import_status
+
+    @property
+    def error_message(self) -> str:
+        failed = self.import_status == "deleted"
+        return self.plan.failure_message if failed else ""
+
+    @property
+    def available_at(self) -> float | None:
+        """Unix time it became available, or ``None`` if it has not (yet)."""
+        ready = self.plan.ready_after
+        if ready is None or self.elapsed < ready:
+            return None
+        return self.created_at + ready
+
+    @property
+    def regions(self) -> list[str]:
+        if self.import_status != "available":
+            return []
+        copies = [t.region for t in self.transfers if t.status == "completed"]
+        return [self.region, *dict.fromkeys(c for c in copies if c != self.region)]
+
+
+@dataclass
+class _Budget:
+    """One token's request logs (monotonic times) and revocation state."""
+
+    minute: deque[float] = field(default_factory=deque)
+    hour: deque[float] = field(default_factory=deque)
+    authenticated: int = 0
+    revoked: bool = False
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The gate's verdict on one request: auth, then rate limits."""
+
+    token: str | None
+    #: 401 or 429 to answer instead of handling the request, else ``None``.
+    problem: ApiProblem | None
+    #: ``ratelimit-*`` (and on a burst 429, ``retry-after``) headers.
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """The faults drawn for one request; which apply also depends on its answer."""
+
+    slow: bool = False
+    reset: bool = False
+    #: Answer a 5xx without doing anything.
+    error: bool = False
+    #: The 5xx to answer (for ``error`` and for a lost create): 500, 502 or 503.
+    status: int = 500
+    #: That 5xx comes with a proxy's HTML body.
+    html: bool = False
+    lost_create: bool = False
+    #: How a lost create is lost: dropped connection (True) or a 5xx (False).
+    lost_as_reset: bool = False
+    garbage: bool = False
+    garbage_kind: int = 0
+
+
+@dataclass(frozen=True)
+class ImagePage:
+    images: list[SimImage]
+    total: int
+    page: int
+    per_page: int
+    last_page: int
+
+
+class World:
+    """The state of one simulated account, driven by an injected :class:`Clock`.
+
+    Attributes for assertions: ``images`` (id -> :class:`SimImage`, including
+    failed and user-deleted ones), ``actions`` (id -> :class:`SimAction`),
+    ``request_counts`` (``"METHOD /route"`` -> requests received),
+    ``rate_limited_count`` (429s sent), ``fault_counts`` (fault kind -> times
+    applied). :meth:`state` gives the same as JSON.
+    """
+
+    def __init__(self, config: SimulatorConfig, clock: Clock) -> None:
+        self.config = config
+        self.clock = clock
+        self.images: dict[int, SimImage] = {}
+        self.actions: dict[int, SimAction] = {}
+        self.request_counts: Counter[str] = Counter()
+        self.rate_limited_count = 0
+        self.fault_counts: Counter[str] = Counter()
+        self._budgets: dict[str, _Budget] = {}
+        self._fault_occurrences: Counter[str] = Counter()
+        self._next_image_id = FIRST_IMAGE_ID
+        self._next_action_id = FIRST_ACTION_ID
+        self._request_seq = 0
+
+    # -- requests -------------------------------------------------------------
+
+    def count_request(self, route: str) -> None:
+        self.request_counts[route] += 1
+
+    def next_request_id(self) -> str:
+        self._request_seq += 1
+        rng = _seeded(self.config.seed, "request", self._request_seq)
+        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+    def admit(self, authorization: str | None) -> Admission:
+        """Authenticate, then apply both rate limits; counts the request if admitted.
+
+        Choices where the facts are silent: 401s are not counted against any budget
+        (the token is not trusted), 429s are not counted either, and every request
+        that passed authentication counts towards ``revoke_after``.
+        """
+        cfg = self.config
+        now = self.clock.monotonic()
+        token = _bearer_token(authorization)
+        if token is None or (cfg.token is not None and token != cfg.token):
+            return self._unauthorized(self._budgets.get(token or "", _Budget()), now)
+        budget = self._budgets.setdefault(token, _Budget())
+        if not budget.revoked and cfg.revoke_after is not None:
+            budget.revoked = budget.authenticated >= cfg.revoke_after
+        if budget.revoked:
+            return self._unauthorized(budget, now)
+        budget.authenticated += 1
+        self._prune(budget, now)
+        hour_full = len(budget.hour) >= cfg.per_hour
+        minute_full = len(budget.minute) >= cfg.per_minute
+        if hour_full or minute_full:
+            self.rate_limited_count += 1
+            headers = self._rate_headers(budget, now)
+            # Only the burst limit promises a slot soon; an exhausted hourly budget
+            # sends no retry-after (do-api-facts.md), just ratelimit-reset.
+            if minute_full and not hour_full:
+                wait = budget.minute[0] + cfg.minute_window - now
+                headers["retry-after"] = str(max(1, math.ceil(wait)))
+            problem = ApiProblem(429, "too_many_requests", RATE_LIMITED_MESSAGE)
+            return Admission(token, problem, headers)
+        budget.minute.append(now)
+        budget.hour.append(now)
+        return Admission(token, None, self._rate_headers(budget, now))
+
+    def _unauthorized(self, budget: _Budget, now: float) -> Admission:
+        problem = ApiProblem(401, "unauthorized", UNAUTHORIZED_MESSAGE)
+        return Admission(None, problem, self._rate_headers(budget, now))
+
+    def _prune(self, budget: _Budget, now: float) -> None:
+        # A request counts for exactly one window after it was made.
+        for log, window in (
+            (budget.minute, self.config.minute_window),
+            (budget.hour, self.config.hour_window),
+        ):
+            while log and log[0] + window <= now:
+                log.popleft()
+
+    def _rate_headers(self, budget: _Budget, now: float) -> dict[str, str]:
+        cfg = self.config
+        self._prune(budget, now)
+        wall = self.clock.wall()
+        reset = wall + (budget.hour[0] + cfg.hour_window - now) if budget.hour else wall
+        return {
+            "ratelimit-limit": str(cfg.per_hour),
+            "ratelimit-remaining": str(max(0, cfg.per_hour - len(budget.hour))),
+            "ratelimit-reset": str(math.ceil(reset)),
+        }
+
+    def draw_faults(self, method: str, path_qs: str, body: bytes) -> FaultPlan:
+        """Faults for one request, from seed + the request itself + its occurrence number.
+
+        Keyed by what the request is rather than when it came, so concurrent
+        requests for different images do not shift each other's faults.
+        """
+        cfg = self.config
+        digest = hashlib.sha256(body).hexdigest()[:16]
+        key = f"{method} {path_qs} {digest}"
+        occurrence = self._fault_occurrences[key]
+        self._fault_occurrences[key] += 1
+        rng = _seeded(cfg.seed, "fault", key, occurrence)
+        # A fixed number of draws in a fixed order: changing one rate never
+        # reshuffles the decisions of another.
+        slow, reset, error, html, lost, garbage = (rng.random() for _ in range(6))
+        status = rng.choice((500, 502, 503))
+        lost_as_reset = rng.random() < 0.5
+        garbage_kind = rng.randrange(3)
+        return FaultPlan(
+            slow=slow < cfg.slow_rate,
+            reset=reset < cfg.reset_rate,
+            error=error < cfg.error_rate,
+            status=status,
+            html=html < cfg.html_error_fraction,
+            lost_create=lost < cfg.lost_create_rate,
+            lost_as_reset=lost_as_reset,
+            garbage=garbage < cfg.garbage_rate,
+            garbage_kind=garbage_kind,
+        )
+
+    def record_fault(self, kind: str) -> None:
+        self.fault_counts[kind] += 1
+
+    # -- images ---------------------------------------------------------------
+
+    def create_image(self, body: object) -> SimImage:
+        """``POST /v2/images``: validate, then start a lazily-evolving import.
+
+        Files DigitalOcean cannot import (a rejected suffix, no file name, too
+        large) are still accepted with 202 and fail later, as imports fail for
+        real: the API does not check the file before answering.
+        """
+        if not isinstance(body, dict):
+            raise ApiProblem(400, "bad_request", "The request body must be a JSON object.")
+        problems: list[str] = []
+        name, url, region = body.get("name"), body.get("url"), body.get("region")
+        if not isinstance(name, str) or not name.strip():
+            problems.append("name is required and must be a non-empty string")
+        if not isinstance(url, str) or not _is_http_url(url):
+            problems.append("url is required and must be an http or https URL")
+        if not isinstance(region, str) or region not in REGIONS:
+            problems.append(f"region {region!r} is not a valid region slug")
+        description = body.get("description")
+        if description is not None and not isinstance(description, str):
+            problems.append("description must be a string")
+        tags = body.get("tags")
+        if tags is not None and not (
+            isinstance(tags, list) and all(isinstance(t, str) for t in tags)
+        ):
+            problems.append("tags must be a list of strings")
+        elif tags:
+            problems.extend(p for p in map(tag_problem, tags) if p is not None)
+        if problems:
+            raise ApiProblem(422, "unprocessable_entity", "; ".join(problems))
+        assert isinstance(name, str)
+        assert isinstance(url, str)
+        assert isinstance(region, str)
+        distribution = body.get("distribution")
+        now = self.clock.monotonic()
+        image = SimImage(
+            id=self._next_image_id,
+            name=name,
+            url=url,
+            region=region,
+            # Like the real API: any value outside the enum silently becomes Unknown.
+            distribution=distribution if distribution in DISTRIBUTIONS else "Unknown",
+            description=description or "",
+            tags=tuple(dict.fromkeys(tags or ())),
+            plan=self.plan_import(name, url),
+            created_at=self.clock.wall(),
+            created_mono=now,
+            clock=self.clock,
+        )
+        self._next_image_id += 1
+        self.images[image.id] = image
+        return image
+
+    def plan_import(self, name: str, url: str) -> ImportPlan:
+        """The fate of an import of ``url`` named ``name``: a pure function of seed, url, name.
+
+        Only the URL's path and query count, not its host: a file on this
+        simulator's file host (a random port each run) keeps its fate across runs.
+        """
+        cfg = self.config
+        parts = urlsplit(url)
+        filename = unquote(parts.path.rsplit("/", 1)[-1])
+        marked = filename.lower()
+        rng = _seeded(cfg.seed, "image", parts.path, parts.query, name)
+        new_noise, pending_noise, fail_point, failure, failure_kind, stuck, stuck_kind = (
+            rng.random() for _ in range(7)
+        )
+        size_bytes = self.file_size(filename)
+        compressed = marked.endswith(_COMPRESSED_SUFFIXES)
+        factor = cfg.slow_factor if "slow" in marked else 1.0
+        spread = cfg.duration_noise
+        new_seconds = cfg.new_seconds * (1 + spread * (2 * new_noise - 1)) * factor
+        pending_seconds = (
+            (cfg.pending_seconds + cfg.seconds_per_gib * size_bytes / GIB)
+            * (1 + spread * (2 * pending_noise - 1))
+            * factor
+        )
+
+        suffix = rejected_suffix(parts.path)
+        download_failure = (
+            not filename
+            or "fail-download" in marked
+            or "no-head" in marked
+            or (cfg.fail_query_urls and bool(parts.query))
+        )
+        message = ""
+        if download_failure:
+            message = DOWNLOAD_ERROR
+        elif suffix is not None:
+            message = DECOMPRESS_ERROR if suffix in _ARCHIVE_SUFFIXES else UNSUPPORTED_FORMAT_ERROR
+        elif "fail-decompress" in marked:
+            message = DECOMPRESS_ERROR
+        elif size_bytes / GIB * (COMPRESSION_RATIO if compressed else 1.0) > MAX_DECOMPRESSED_GIB:
+            message = TOO_LARGE_ERROR
+        elif failure < cfg.failure_rate:
+            message = DOWNLOAD_ERROR if failure_kind < 0.5 else DECOMPRESS_ERROR
+        elif "fail-fast" in marked:
+            # On its own, fail-fast says when, not why: use the one real message known.
+            message = DECOMPRESS_ERROR
+
+        fail_after: float | None = None
+        if "fail-fast" in marked and message:
+            fail_after = cfg.fail_fast_seconds
+        elif message:
+            # Failures come "minutes later" (tf-provider#613): a download fails
+            # early in pending, a decompression or format problem later.
+            early = message == DOWNLOAD_ERROR
+            share = 0.1 + 0.3 * fail_point if early else 0.4 + 0.5 * fail_point
+            fail_after = new_seconds + pending_seconds * share
+
+        stuck_in: str | None = None
+        if "stuck-new" in marked or "stuck-pending" in marked:
+            stuck_in = "NEW" if "stuck-new" in marked else "pending"
+        elif stuck < cfg.stuck_rate:
+            stuck_in = "NEW" if stuck_kind < 0.5 else "pending"
+        if stuck_in is not None:
+            # Stuck means it never leaves that status: not even to fail.
+            fail_after, message = None, ""
+            if stuck_in == "NEW":
+                new_seconds = math.inf
+            pending_seconds = math.inf
+        return ImportPlan(
+            new_seconds=new_seconds,
+            pending_seconds=pending_seconds,
+            fail_after=fail_after,
+            failure_message=message,
+            size_bytes=size_bytes,
+            compressed=compressed,
+        )
+
+    def file_size(self, filename: str) -> int:
+        """Bytes of the source file named ``filename``: its ``size-`` marker, else seeded."""
+        match = _SIZE_MARKER.search(filename)
+        if match is not None:
+            unit = GIB if match.group(2).lower() == "g" else MIB
+            return int(float(match.group(1)) * unit)
+        return int(_seeded(self.config.seed, "size", filename).uniform(0.5, 8.0) * GIB)
+
+    def file_answers_head(self, filename: str) -> bool:
+        return "no-head" not in filename.lower()
+
+    def get_image(self, image_id: int) -> SimImage:
+        """An image readable by id: failed ones too, but not those the user deleted."""
+        image = self.images.get(image_id)
+        if image is None or image.deleted_by_user:
+            raise ApiProblem(404, "not_found", NOT_FOUND_MESSAGE)
+        return image
+
+    def delete_image(self, image_id: int) -> None:
+        image = self.get_image(image_id)
+        image.deleted_by_user = True
+        image.deleted_mono = self.clock.monotonic()
+
+    def list_images(self, query: Mapping[str, str]) -> ImagePage:
+        """``GET /v2/images``: visible images by ascending id, one page of them.
+
+        ``private`` is accepted and ignored: every simulated image is private and
+        no public catalogue is simulated. A ``type`` filter (``distribution`` or
+        ``application``) never matches a custom image. ``per_page`` outside
+        1..200 or ``page`` < 1 answer 422 rather than being clamped, so a client
+        bug shows up in tests (what the real API does there is not documented).
+        """
+        per_page = _int_param(query, "per_page", PER_PAGE_DEFAULT, PER_PAGE_MAX)
+        page = _int_param(query, "page", 1, None)
+        tag = query.get("tag_name")
+        show_in_progress = self.config.list_in_progress
+        matching = [
+            image
+            for _, image in sorted(self.images.items())
+            if "type" not in query
+            and not image.deleted_by_user
+            and (image.status == "available" or (show_in_progress and image.status != "deleted"))
+            and (tag is None or tag in image.tags)
+        ]
+        start = (page - 1) * per_page
+        return ImagePage(
+            images=matching[start : start + per_page],
+            total=len(matching),
+            page=page,
+            per_page=per_page,
+            last_page=max(1, math.ceil(len(matching) / per_page)),
+        )
+
+    def image_json(self, image: SimImage) -> Json:
+        available = image.status == "available"
+        plan = image.plan
+        return {
+            "id": image.id,
+            "name": image.name,
+            "type": "custom",
+            "distribution": image.distribution,
+            "slug": None,
+            "public": False,
+            "regions": image.regions,
+            "created_at": isoformat(image.created_at),
+            "min_disk_size": max(1, math.ceil(plan.decompressed_gib)) if available else None,
+            "size_gigabytes": round(plan.size_gib, 2) if available else None,
+            "description": image.description,
+            "tags": list(image.tags),
+            "status": image.status,
+            "error_message": image.error_message,
+        }
+
+    # -- transfer actions -----------------------------------------------------
+
+    def transfer_image(self, image_id: int, body: object) -> SimAction:
+        """``POST /v2/images/{id}/actions`` with ``{"type": "transfer", "region": ...}``."""
+        image = self.get_image(image_id)
+        if not isinstance(body, dict):
+            raise ApiProblem(400, "bad_request", "The request body must be a JSON object.")
+        if body.get("type") != "transfer":
+            raise ApiProblem(422, "unprocessable_entity", "only transfer actions are simulated")
+        region = body.get("region")
+        if not isinstance(region, str) or region not in REGIONS:
+            raise ApiProblem(422, "unprocessable_entity", f"region {region!r} is not valid")
+        if image.status != "available":
+            raise ApiProblem(422, "unprocessable_entity", "the image is not available yet")
+        if region in image.regions or any(t.region == region for t in image.transfers):
+            raise ApiProblem(422, "unprocessable_entity", f"the image is already in {region}")
+        noise = _seeded(self.config.seed, "transfer", image.id, region).random()
+        base = self.config.transfer_seconds + self.config.transfer_seconds_per_gib * (
+            image.plan.size_gib
+        )
+        action = SimAction(
+            id=self._next_action_id,
+            image_id=image.id,
+            region=region,
+            started_at=self.clock.wall(),
+            started_mono=self.clock.monotonic(),
+            duration=base * (1 + self.config.duration_noise * (2 * noise - 1)),
+            clock=self.clock,
+        )
+        self._next_action_id += 1
+        self.actions[action.id] = action
+        image.transfers.append(action)
+        return action
+
+    def get_action(self, action_id: int) -> SimAction:
+        action = self.actions.get(action_id)
+        if action is None:
+            raise ApiProblem(404, "not_found", NOT_FOUND_MESSAGE)
+        return action
+
+    def action_json(self, action: SimAction) -> Json:
+        completed_at = action.completed_at
+        return {
+            "id": action.id,
+            "status": action.status,
+            "type": "transfer",
+            "started_at": isoformat(action.started_at),
+            "completed_at": isoformat(completed_at) if completed_at is not None else None,
+            "resource_id": action.image_id,
+            "resource_type": "image",
+            "region": {
+                "name": f"{_REGION_CITIES.get(action.region[:3], action.region)} "
+                f"{action.region[3:]}",
+                "slug": action.region,
+                "features": ["image_transfer"],
+                "available": True,
+                "sizes": [],
+            },
+            "region_slug": action.region,
+        }
+
+    # -- admin ----------------------------------------------------------------
+
+    def state(self) -> Json:
+        """Everything held, for ``GET /_simulator/state``. Times are Unix seconds."""
+        return {
+            "images": [
+                {
+                    "id": image.id,
+                    "name": image.name,
+                    "region": image.region,
+                    # Presigned query strings are secrets; the admin view drops them.
+                    "url": urlunsplit(urlsplit(image.url)._replace(query="", fragment="")),
+                    "tags": list(image.tags),
+                    "status": image.status,
+                    "error_message": image.error_message,
+                    "created_at": image.created_at,
+                    "available_at": image.available_at,
+                    "deleted_by_user": image.deleted_by_user,
+                }
+                for _, image in sorted(self.images.items())
+            ],
+            "requests": dict(self.request_counts),
+            "rate_limited": self.rate_limited_count,
+            "faults": dict(self.fault_counts),
+            "now": self.clock.wall(),
+        }
+
+
+def _bearer_token(authorization: str | None) -> str | None:
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    # RFC 7235: the auth scheme is case-insensitive.
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+def _is_http_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _int_param(query: Mapping[str, str], name: str, default: int, maximum: int | None) -> int:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1 or (maximum is not None and value > maximum):
+        bound = f"between 1 and {maximum}" if maximum is not None else "at least 1"
+        raise ApiProblem(422, "unprocessable_entity", f"{name} must be an integer {bound}")
+    return value
