@@ -24,6 +24,7 @@ from importer.catalog import API_URL_ENV, TOKEN_ENV
 from importer.clock import LoopClock, VirtualTimeLoop
 from importer.durations import parse_duration
 from importer.errors import ImporterError, UsageError
+from importer.journal import MEMORY, Journal
 from importer.logs import LogFormat, configure_logging
 from importer.manifest import Manifest, load_manifest
 from importer.pipeline import Stopper, run_import
@@ -230,7 +231,9 @@ def run(
     configure_logging(log_format, secrets=[token.value])
     options: dict[str, Any] = {"loop_factory": VirtualTimeLoop} if virtual_time else {}
     try:
-        report = anyio.run(_run, loaded, settings, simulate, backend_options=options)
+        # Opened (and locked) before anything starts, so a refusal is just a message.
+        with Journal(settings.state_path or MEMORY) as journal:
+            report = anyio.run(_run, loaded, settings, journal, simulate, backend_options=options)
     except ImporterError as error:  # the state file is locked or unusable
         _die(error)
     report.write(settings.report_path)
@@ -239,7 +242,7 @@ def run(
     sys.exit(exit_code(report))
 
 
-async def _run(manifest: Manifest, settings: Settings, simulate: bool) -> Report:
+async def _run(manifest: Manifest, settings: Settings, journal: Journal, simulate: bool) -> Report:
     stopper = Stopper()
     # Wall time anchored now: under --virtual-time, timestamps still read as today.
     clock = LoopClock(epoch=time.time())
@@ -249,9 +252,13 @@ async def _run(manifest: Manifest, settings: Settings, simulate: bool) -> Report
             async with run_simulator(SimulatorConfig.demo(), clock) as simulator:
                 click.echo(f"simulator listening on {simulator.base_url}", err=True)
                 settings = replace(settings, api_url=simulator.base_url)
-                report = await run_import(manifest, settings, clock=clock, stopper=stopper)
+                report = await run_import(
+                    manifest, settings, clock=clock, stopper=stopper, journal=journal
+                )
         else:
-            report = await run_import(manifest, settings, clock=clock, stopper=stopper)
+            report = await run_import(
+                manifest, settings, clock=clock, stopper=stopper, journal=journal
+            )
         signals.cancel_scope.cancel()
     return report
 

@@ -18,6 +18,7 @@ tag before it sends another create (see :meth:`Importer._reconcile`).
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -181,8 +182,9 @@ class Importer:
     ) -> int | None:
         """The entry's image id, creating the image if (and only if) it does not exist."""
         if state is not None and state.phase is Phase.SUBMITTED and state.image_id is not None:
-            self._update(item, image_id=state.image_id, status=state.status,
-                         submitted_at=state.submitted_at)
+            self._update(
+                item, image_id=state.image_id, status=state.status, submitted_at=state.submitted_at
+            )
             log.info("image.resumed", image_id=state.image_id, status=state.status)
             return state.image_id
         # A previous run sent a create and never learned its outcome.
@@ -377,12 +379,15 @@ async def run_import(
     *,
     clock: Clock | None = None,
     stopper: Stopper | None = None,
+    journal: Journal | None = None,
     seed: int | None = None,
 ) -> Report:
     """Import every image of ``manifest``; the report says how each ended.
 
     Raises only for bugs, cancellation, and a state file that cannot be used
     (:class:`~importer.errors.StateLockedError` when another process holds it).
+    ``journal`` is an already open journal (the caller closes it); without one,
+    ``settings.state_path`` is opened for the run.
     Every API failure becomes part of the report; ``report.stopped`` says whether
     the run ended early, and why.
     """
@@ -394,7 +399,9 @@ async def run_import(
         windows=(Window(settings.per_minute, 60.0), Window(settings.per_hour, 3600.0)),
     )
     started = clock.wall()
-    with Journal(settings.state_path or MEMORY) as journal:
+    with contextlib.ExitStack() as stack:
+        if journal is None:
+            journal = stack.enter_context(Journal(settings.state_path or MEMORY))
         connector = aiohttp.TCPConnector(limit=settings.concurrency)
         async with aiohttp.ClientSession(connector=connector) as session:
             client = ImagesClient(session, settings, governor, clock, rng=rng)

@@ -119,3 +119,30 @@ def test_no_token_option_exists(flag: str) -> None:
     """A token cannot be given as a command-line value (it would leak into ps and history)."""
     code, _, _ = invoke("run", str(MANIFESTS / "example.yaml"), flag, "x")
     assert code == 2
+
+
+def test_deadline_stops_the_run_with_exit_4(tmp_path: Path) -> None:
+    """`--deadline` ends the run when its time is up: exit 4, unfinished images `pending`."""
+    report_path = tmp_path / "report.json"
+    code, _, _ = invoke(
+        "run", str(MANIFESTS / "example.yaml"), "--simulate", "--virtual-time",
+        "--deadline", "2s", "--report", str(report_path),
+    )  # fmt: skip
+    assert code == 4
+    report = json.loads(report_path.read_text())
+    assert report["stopped"] == "deadline"
+    assert report["summary"]["pending"] == 5
+
+
+def test_second_process_on_the_same_state_exits_2(tmp_path: Path) -> None:
+    """While another importer holds the state file, a run refuses with exit 2 and says why."""
+    from importer.journal import Journal  # noqa: PLC0415
+
+    state = tmp_path / "state.sqlite"
+    with Journal(state):
+        code, _, err = invoke(
+            "run", str(MANIFESTS / "example.yaml"), "--simulate", "--virtual-time",
+            "--state", str(state), "--report", str(tmp_path / "r.json"),
+        )  # fmt: skip
+    assert code == 2
+    assert "another importer" in err
