@@ -28,7 +28,7 @@ def test_signal_stops_with_partial_report(tmp_path: Path, signum: int, code: int
         "--report", str(report_path), "--state", str(state), "--log-format", "json",
         "--first-poll", "10m",
     ]  # fmt: skip
-    with subprocess.Popen(  # noqa: S603 - our own command line
+    with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
     ) as process:
         assert process.stderr is not None
