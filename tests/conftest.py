@@ -6,8 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from importer.clock import VirtualTimeLoop
+
+# Property tests measure correctness, not speed: a loaded CI machine must not fail them
+# for taking long on one example.
+settings.register_profile("importer", deadline=None)
+settings.load_profile("importer")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 OPENAPI_PATH = SHARED / "digitalocean-images.openapi.yaml"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,11 +18,16 @@ from tests.helpers import TEST_TOKEN, manifest_of, settings_for
 SIGNATURE = "Zm9vYmFyc2VjcmV0c2lnbmF0dXJl"
 
 
+def journal_bytes(folder: Path) -> bytes:
+    """Every byte of the journal and its WAL, as a leak would sit in them."""
+    return b"".join(p.read_bytes() for p in sorted(folder.glob("state.sqlite*")))
+
+
 @pytest.fixture
-def log_stream() -> io.StringIO:
+def log_stream() -> Iterator[io.StringIO]:
     stream = io.StringIO()
     configure_logging("json", secrets=[TEST_TOKEN], stream=stream)
-    yield stream  # type: ignore[misc]
+    yield stream
     structlog.reset_defaults()
 
 
@@ -41,18 +47,15 @@ async def test_presigned_urls_and_token_stay_secret(
         report = await run_import(
             manifest_of(*urls), settings_for(sim.base_url, state_path=state, max_attempts=3)
         )
-    report_path = tmp_path / "report.json"
-    report.write(report_path)
+    report_text = json.dumps(report.to_json())
     logged = log_stream.getvalue()
     assert logged.count("\n") > 5  # the run did log
     for line in logged.splitlines():
         json.loads(line)  # JSON lines, one event each
     places = {
         "logs": logged,
-        "report": report_path.read_text(),
-        "journal": b"".join(p.read_bytes() for p in tmp_path.glob("state.sqlite*")).decode(
-            "latin-1"
-        ),
+        "report": report_text,
+        "journal": journal_bytes(tmp_path).decode("latin-1"),
         "summary": report.human_summary(),
     }
     for where, text in places.items():
