@@ -39,7 +39,7 @@ from importer.errors import (
     TransientApiError,
     UncertainCreateError,
 )
-from importer.governor import Governor
+from importer.governor import Governor, Priority
 from importer.redact import redact_text
 from importer.settings import Settings, Token
 
@@ -125,18 +125,23 @@ class ImagesClient:
             body=request.body(),
             idempotent=False,
             on_send=on_send,
+            priority=Priority.CREATE,
         )
         return envelope.image
 
-    async def get(self, image_id: int) -> Image:
+    async def get(self, image_id: int, *, priority: Priority = Priority.STATUS) -> Image:
         path = f"/v2/images/{image_id}"
         envelope: ImageEnvelope = await self._call(
-            ImageEnvelope, "GET", path, template="/v2/images/{id}"
+            ImageEnvelope, "GET", path, template="/v2/images/{id}", priority=priority
         )
         return envelope.image
 
     async def list(
-        self, *, tag_name: str | None = None, per_page: int = PER_PAGE_MAX
+        self,
+        *,
+        tag_name: str | None = None,
+        per_page: int = PER_PAGE_MAX,
+        priority: Priority = Priority.STATUS,
     ) -> list[Image]:
         """Every private image (with ``tag_name``, if given), all pages.
 
@@ -150,16 +155,21 @@ class ImagesClient:
             if tag_name:
                 params["tag_name"] = tag_name
             listing: ImageList = await self._call(
-                ImageList, "GET", "/v2/images", template="/v2/images", params=params
+                ImageList,
+                "GET",
+                "/v2/images",
+                template="/v2/images",
+                params=params,
+                priority=priority,
             )
             images.extend(listing.images)
             if not listing.images or len(images) >= listing.meta.total:
                 return images
             page += 1
 
-    async def delete(self, image_id: int) -> None:
+    async def delete(self, image_id: int, *, priority: Priority = Priority.STATUS) -> None:
         path = f"/v2/images/{image_id}"
-        await self._call(None, "DELETE", path, template="/v2/images/{id}")
+        await self._call(None, "DELETE", path, template="/v2/images/{id}", priority=priority)
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -174,6 +184,7 @@ class ImagesClient:
         body: Mapping[str, Any] | None = None,
         idempotent: bool = True,
         on_send: Callable[[], None] | None = None,
+        priority: Priority = Priority.STATUS,
     ) -> Any:
         tally: Counter[str] = Counter()
 
@@ -219,7 +230,7 @@ class ImagesClient:
             async for attempt in retrying:
                 with attempt:
                     return await self._send_once(
-                        model, method, path, template, params, body, idempotent, on_send
+                        model, method, path, template, params, body, idempotent, on_send, priority
                     )
         except _NotSent as exc:
             raise ApiUnreachableError(exc.api_message, method=method, path=template) from None
@@ -235,9 +246,10 @@ class ImagesClient:
         body: Mapping[str, Any] | None,
         idempotent: bool,
         on_send: Callable[[], None] | None,
+        priority: Priority,
     ) -> Any:
         context: dict[str, Any] = {"method": method, "path": template}
-        async with self._governor.slot():
+        async with self._governor.slot(priority):
             # Checked after the wait too: a 401 may have arrived while we queued.
             if self._auth_error is not None:
                 raise self._auth_error

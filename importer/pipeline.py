@@ -47,6 +47,7 @@ from importer.poller import StatusPoller
 from importer.redact import redact_text
 from importer.report import ImageResult, Outcome, Report
 from importer.settings import Settings
+from importer.sizing import HeadSizer
 
 Log = structlog.typing.FilteringBoundLogger
 
@@ -67,6 +68,18 @@ class Stopper:
         await self._event.wait()
         assert self.reason is not None
         return self.reason
+
+
+class _Turn:
+    """One entry's turn to submit, handed back exactly once."""
+
+    def __init__(self, semaphore: anyio.Semaphore) -> None:
+        self._semaphore: anyio.Semaphore | None = semaphore
+
+    def done(self) -> None:
+        if self._semaphore is not None:
+            self._semaphore.release()
+            self._semaphore = None
 
 
 @dataclass
@@ -109,8 +122,6 @@ class Importer:
             for item in self._plan
         }
         self._scope: anyio.CancelScope | None = None
-        #: Whether listings show images still importing: learned, never assumed.
-        self._lists_in_progress = False
         self.stopped: str | None = None
 
     # -- running ------------------------------------------------------------------
@@ -119,14 +130,19 @@ class Importer:
         self._log.info("run.started", images=len(self._plan), api_url=self._settings.api_url)
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._report_progress)
+            outer.start_soon(self._poller.run)
             if stopper is not None:
                 outer.start_soon(self._stop_when_asked, stopper)
             if self._settings.deadline is not None:
                 outer.start_soon(self._stop_at_deadline, self._settings.deadline)
             with anyio.CancelScope() as self._scope:
+                # An image's task starts when its turn to submit comes: thousands of
+                # tasks queued inside the client would cost memory and nothing else.
+                turns = anyio.Semaphore(self._settings.concurrency)
                 async with anyio.create_task_group() as images:
                     for item in self._plan:
-                        images.start_soon(self._import_one, item)
+                        await turns.acquire()
+                        images.start_soon(self._import_one, item, _Turn(turns))
             outer.cancel_scope.cancel()
         self._finish_unfinished()
         counts = Counter(p.result.outcome.value for p in self._progress.values())
@@ -147,7 +163,13 @@ class Importer:
         await self._clock.sleep(seconds)
         self.stop("deadline")
 
-    async def _import_one(self, item: PlannedImport) -> None:
+    async def _import_one(self, item: PlannedImport, turn: _Turn) -> None:
+        try:
+            await self._import(item, turn)
+        finally:
+            turn.done()
+
+    async def _import(self, item: PlannedImport, turn: _Turn) -> None:
         log = self._log.bind(index=item.index, name=item.entry.name, region=item.entry.region)
         state = self._journal.get(item.tag)
         if state is not None and state.phase is Phase.FINISHED:
@@ -155,11 +177,17 @@ class Importer:
             log.info("image.resumed", outcome=state.outcome, image_id=state.image_id)
             return
         try:
-            image_id = await self._ensure_submitted(item, state, log)
+            image_id = await self._ensure_submitted(item, state, log, turn)
             if image_id is None:
                 return
             with anyio.move_on_after(self._settings.image_timeout):
-                final = await self._poller.wait(image_id, lambda i: self._saw(item, i, log))
+                final = await self._poller.wait(
+                    image_id,
+                    lambda i: self._saw(item, i, log),
+                    group=item.group,
+                    size=item.size,
+                    submitted_at=self._progress[item.index].result.submitted_at,
+                )
                 if final.is_available and self._was_uncertain(item):
                     await self._remove_duplicates(item, keep=final.id, log=log)
                 self._finished_with(item, final, log)
@@ -178,9 +206,13 @@ class Importer:
     # -- submitting, without ever making a duplicate --------------------------------
 
     async def _ensure_submitted(
-        self, item: PlannedImport, state: EntryState | None, log: Log
+        self, item: PlannedImport, state: EntryState | None, log: Log, turn: _Turn
     ) -> int | None:
-        """The entry's image id, creating the image if (and only if) it does not exist."""
+        """The entry's image id, creating the image if (and only if) it does not exist.
+
+        ``turn`` is handed back once the first create has an answer (or none is
+        needed), so that the next entry may start.
+        """
         if state is not None and state.phase is Phase.SUBMITTED and state.image_id is not None:
             self._update(
                 item, image_id=state.image_id, status=state.status, submitted_at=state.submitted_at
@@ -192,6 +224,7 @@ class Importer:
         creates = state.uncertain if state is not None else 0
         while True:
             if uncertain:
+                turn.done()  # reconciling may take long; let the next entry go
                 found = await self._reconcile(item, log)
                 if found is not None:
                     return self._submitted(item, found, log, adopted=True)
@@ -209,14 +242,17 @@ class Importer:
                     ),
                 )
             except RejectedError as exc:
+                turn.done()
                 self._finish(item, Outcome.REJECTED, error=_message(exc))
                 log.warning("image.rejected", status=exc.status, error=_message(exc))
                 return None
             except UncertainCreateError as exc:
+                turn.done()
                 self._journal.uncertain(item.tag, self._clock.wall())
                 log.warning("image.uncertain", error=_message(exc), creates=creates)
                 uncertain = True
                 continue
+            turn.done()
             return self._submitted(item, image, log, adopted=False)
 
     def _submitted(self, item: PlannedImport, image: Image, log: Log, *, adopted: bool) -> int:
@@ -239,13 +275,13 @@ class Importer:
         give_up_at = self._clock.monotonic() + self._settings.reconcile_after
         while True:
             images = await self._client.list(tag_name=item.tag)
-            self._learn_listing(images)
+            self._poller.learn(images)
             live = [image for image in images if not image.has_failed]
             if live:
                 keep = min(live, key=lambda i: (not i.is_available, i.id))
                 await self._delete_extras(item, live, keep.id, log)
                 return keep
-            if self._lists_in_progress or await self._probe_listing():
+            if self._poller.lists_in_progress or await self._probe_listing():
                 log.info("image.absent", tag=item.tag)
                 return None
             if self._clock.monotonic() >= give_up_at:
@@ -254,19 +290,14 @@ class Importer:
             log.info("image.reconciling", tag=item.tag)
             await self._clock.sleep(self._settings.poll_interval)
 
-    def _learn_listing(self, images: Sequence[Image]) -> None:
-        if not self._lists_in_progress and any(i.status in ("NEW", "pending") for i in images):
-            self._lists_in_progress = True
-            self._log.info("listing.shows_in_progress")
-
     async def _probe_listing(self) -> bool:
-        """Whether listings show importing images, asked of one image known to be importing."""
+        """Whether listings show importing images, asked of a group known to be importing."""
         for item in self._plan:
             result = self._progress[item.index].result
             if result.image_id is not None and result.status in ("NEW", "pending"):
-                self._learn_listing(await self._client.list(tag_name=item.tag))
+                self._poller.learn(await self._client.list(tag_name=item.group))
                 break
-        return self._lists_in_progress
+        return self._poller.lists_in_progress
 
     def _was_uncertain(self, item: PlannedImport) -> bool:
         state = self._journal.get(item.tag)
@@ -370,7 +401,8 @@ class Importer:
             )
 
     def results(self) -> tuple[ImageResult, ...]:
-        return tuple(self._progress[item.index].result for item in self._plan)
+        """One result per entry, in manifest order."""
+        return tuple(self._progress[index].result for index in sorted(self._progress))
 
 
 async def run_import(
@@ -380,6 +412,7 @@ async def run_import(
     clock: Clock | None = None,
     stopper: Stopper | None = None,
     journal: Journal | None = None,
+    sizer: HeadSizer | None = None,
     seed: int | None = None,
 ) -> Report:
     """Import every image of ``manifest``; the report says how each ended.
@@ -387,7 +420,8 @@ async def run_import(
     Raises only for bugs, cancellation, and a state file that cannot be used
     (:class:`~importer.errors.StateLockedError` when another process holds it).
     ``journal`` is an already open journal (the caller closes it); without one,
-    ``settings.state_path`` is opened for the run.
+    ``settings.state_path`` is opened for the run. With a ``sizer``, the source
+    files are sized first (``HEAD``, no API budget) and the longest imports go first.
     Every API failure becomes part of the report; ``report.stopped`` says whether
     the run ended early, and why.
     """
@@ -396,9 +430,13 @@ async def run_import(
     governor = Governor(
         clock,
         concurrency=settings.concurrency,
-        windows=(Window(settings.per_minute, 60.0), Window(settings.per_hour, 3600.0)),
+        windows=(
+            Window(settings.effective_per_minute, 60.0),
+            Window(settings.effective_per_hour, 3600.0),
+        ),
     )
     started = clock.wall()
+    sizes = await sizer.sizes(manifest.entries) if sizer is not None else None
     with contextlib.ExitStack() as stack:
         if journal is None:
             journal = stack.enter_context(Journal(settings.state_path or MEMORY))
@@ -412,7 +450,8 @@ async def run_import(
                 poll_interval=settings.poll_interval,
                 rng=rng,
             )
-            importer = Importer(make_plan(manifest), client, poller, journal, clock, settings)
+            plan = make_plan(manifest, sizes)
+            importer = Importer(plan, client, poller, journal, clock, settings)
             await importer.run(stopper)
     return Report(
         manifest=manifest.source,

@@ -1,35 +1,126 @@
-"""Waiting for submitted images to finish importing.
+"""Learning the statuses of many importing images on few requests.
 
-An import takes minutes, and DigitalOcean says nothing until it is done, so an
-image is first checked ``first_poll`` seconds after submission, then every
-``poll_interval`` seconds with +/-20% jitter, so that many images submitted
-together do not poll in lockstep. A transient error while polling is not the
-image's failure: the next check tries again, up to the per-image timeout that the
-pipeline puts around :meth:`StatusPoller.wait`.
+One background task (:meth:`StatusPoller.run`) serves every image task, which
+waits in :meth:`StatusPoller.wait`. Statuses come from listings of *groups*
+(``GET /v2/images?tag_name=<group tag>``, up to 200 images a page, see
+:mod:`importer.plan`); a group is listed only when one of its images is due.
+The listing cannot tell everything: a failed image drops out of listings, and
+DigitalOcean may hide images still importing. An image missing from its
+group's listing for too long is therefore asked for by id, the only way to read
+a failure's ``error_message``.
+
+When is an image due? Nothing happens in an import's first minutes, so the
+poller learns from the imports it sees finish how long an import of a given
+size takes (:class:`DurationModel`), and checks an image first when the
+quickest plausible import of its size would be done, then every
+``poll_interval``. Before it has learned anything, it checks after
+``first_poll`` and then at growing intervals. Every schedule has +/-10% jitter,
+so groups do not poll in lockstep.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import math
 import random
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
+import anyio
 import structlog
 
 from importer.api import Image
 from importer.client import ImagesClient
 from importer.clock import Clock
-from importer.errors import RejectedError, TransientApiError
+from importer.errors import ApiError, RejectedError, TransientApiError
+from importer.governor import Priority
 
 #: Called with each status seen, so the caller can record it.
 StatusCallback = Callable[[Image], None]
+GIB = 1024**3
 
 
 class ImageVanishedError(RejectedError):
     """The image is gone (404): deleted by someone else while it imported."""
 
 
+class DurationModel:
+    """Import duration as ``a + b * size``, fitted to the imports seen finishing.
+
+    ``early(size)`` and ``late(size)`` scale the fit by the 10th and 95th
+    percentiles of how far real durations strayed from it, so a check at
+    ``early`` rarely comes after an import finished, and ``late`` is when an
+    import that is still not seen has probably failed.
+    """
+
+    MIN_SAMPLES = 3
+
+    def __init__(self, window: int = 256) -> None:
+        self._n = 0
+        self._sx = self._sy = self._sxx = self._sxy = 0.0
+        self._samples: deque[tuple[float, float]] = deque(maxlen=window)
+        self._quantiles: tuple[float, float] | None = None
+
+    def observe(self, size: int | None, duration: float) -> None:
+        x = (size or 0) / GIB
+        self._n += 1
+        self._sx += x
+        self._sy += duration
+        self._sxx += x * x
+        self._sxy += x * duration
+        self._samples.append((x, duration))
+        self._quantiles = None
+
+    def _fit(self, x: float) -> float:
+        mean_x, mean_y = self._sx / self._n, self._sy / self._n
+        variance = self._sxx / self._n - mean_x * mean_x
+        slope = 0.0
+        if variance > 1e-9:
+            slope = max(0.0, (self._sxy / self._n - mean_x * mean_y) / variance)
+        intercept = max(0.0, mean_y - slope * mean_x)
+        return max(1e-3, intercept + slope * x)
+
+    def _spread(self) -> tuple[float, float]:
+        if self._quantiles is None:
+            ratios = sorted(y / self._fit(x) for x, y in self._samples)
+            low = ratios[int(0.10 * (len(ratios) - 1))]
+            high = ratios[math.ceil(0.95 * (len(ratios) - 1))]
+            self._quantiles = (low, high)
+        return self._quantiles
+
+    @property
+    def ready(self) -> bool:
+        return self._n >= self.MIN_SAMPLES
+
+    def early(self, size: int | None) -> float:
+        return self._fit((size or 0) / GIB) * self._spread()[0]
+
+    def late(self, size: int | None) -> float:
+        return self._fit((size or 0) / GIB) * self._spread()[1]
+
+
+@dataclass(eq=False)
+class _Watch:
+    image_id: int
+    group: str
+    size: int | None
+    submitted: float
+    on_status: StatusCallback
+    due: float = 0.0
+    checks: int = 0
+    #: The last time the image was known not to be finished.
+    last_unfinished: float = 0.0
+    status: str | None = None
+    next_direct: float = 0.0
+    directs: int = 0
+    result: Image | BaseException | None = None
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+
 class StatusPoller:
-    """Polls one image by id until it is ``available`` or has failed."""
+    """Waits for images to finish, listing groups and asking by id only when needed."""
 
     def __init__(
         self,
@@ -46,29 +137,199 @@ class StatusPoller:
         self._interval = poll_interval
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._log = structlog.get_logger("importer.poller")
+        self._watches: dict[int, _Watch] = {}
+        self._queue: list[tuple[float, int, int]] = []  # (due, sequence, image id)
+        self._sequence = itertools.count()
+        self._changed = anyio.Event()
+        self.model = DurationModel()
+        #: Whether listings show images still importing: learned, never assumed.
+        self.lists_in_progress = False
 
-    def _jittered(self, seconds: float) -> float:
-        return seconds * self._rng.uniform(0.8, 1.2)
+    # -- the image tasks' side ------------------------------------------------------
 
-    async def wait(self, image_id: int, on_status: StatusCallback) -> Image:
-        """The image once it is ``available`` or ``deleted``/``retired``."""
-        await self._clock.sleep(self._jittered(self._first_poll))
+    async def wait(
+        self,
+        image_id: int,
+        on_status: StatusCallback,
+        *,
+        group: str,
+        size: int | None = None,
+        submitted_at: float | None = None,
+    ) -> Image:
+        """The image once it is ``available`` or ``deleted``/``retired``.
+
+        ``submitted_at`` (wall time) places an image submitted by an earlier run.
+        """
+        now = self._clock.monotonic()
+        submitted = now
+        if submitted_at is not None:
+            submitted = now - max(0.0, self._clock.wall() - submitted_at)
+        watch = _Watch(image_id, group, size, submitted, on_status, last_unfinished=submitted)
+        self._watches[image_id] = watch
+        self._schedule(watch, self._first_check(watch, now))
+        try:
+            await watch.done.wait()
+        finally:
+            self._watches.pop(image_id, None)
+        if isinstance(watch.result, BaseException):
+            raise watch.result
+        assert watch.result is not None
+        return watch.result
+
+    # -- the background task --------------------------------------------------------
+
+    async def run(self) -> None:
+        """Check due images forever (the pipeline cancels this when the run ends)."""
         while True:
-            try:
-                image = await self._client.get(image_id)
-            except TransientApiError as exc:
-                self._log.warning("image.poll_failed", image_id=image_id, reason=str(exc))
-            except RejectedError as exc:
-                if exc.status == 404:
-                    raise ImageVanishedError(
-                        "the image no longer exists (404): it was deleted while importing",
-                        status=404,
-                        method=exc.method,
-                        path=exc.path,
-                    ) from None
-                raise
-            else:
-                on_status(image)
-                if image.is_available or image.has_failed:
-                    return image
-            await self._clock.sleep(self._jittered(self._interval))
+            due = self._pop_due()
+            if not due:
+                await self._sleep_until_next()
+                continue
+            groups = {watch.group for watch in due}
+            async with anyio.create_task_group() as tg:
+                for group in sorted(groups):
+                    tg.start_soon(self._check_group, group)
+            now = self._clock.monotonic()
+            async with anyio.create_task_group() as tg:
+                for watch in due:
+                    if watch.done.is_set():
+                        continue
+                    if self._should_ask_directly(watch, now):
+                        tg.start_soon(self._check_directly, watch)
+                    else:
+                        # Never before its group's next listing (set by the check above).
+                        self._schedule(watch, max(self._next_check(watch, now), watch.due))
+
+    async def _sleep_until_next(self) -> None:
+        self._changed = anyio.Event()
+        delay = math.inf
+        if self._queue:
+            delay = self._queue[0][0] - self._clock.monotonic()
+        with anyio.move_on_after(delay):
+            await self._changed.wait()
+
+    def _pop_due(self) -> list[_Watch]:
+        # Checks due within a few seconds go together: one listing serves them all.
+        horizon = self._clock.monotonic() + min(5.0, self._interval / 4)
+        due: list[_Watch] = []
+        while self._queue and self._queue[0][0] <= horizon:
+            when, _, image_id = heapq.heappop(self._queue)
+            watch = self._watches.get(image_id)
+            if watch is not None and watch.due == when and not watch.done.is_set():
+                due.append(watch)
+        return due
+
+    async def _check_group(self, group: str) -> None:
+        try:
+            images = await self._client.list(tag_name=group, priority=Priority.STATUS)
+        except TransientApiError as exc:
+            self._log.warning("group.poll_failed", group=group, reason=str(exc))
+            return
+        except ApiError as exc:
+            # A 401 or an unreachable API: each image task receives it and ends the run.
+            for member in [w for w in self._watches.values() if w.group == group]:
+                self._resolve(member, exc)
+            return
+        self.learn(images)
+        now = self._clock.monotonic()
+        for image in images:
+            watch = self._watches.get(image.id)
+            if watch is not None and not watch.done.is_set():
+                self._saw(watch, image, now)
+        # This listing checked the whole group: none of it is due again before the
+        # next interval, so a group is listed at most once per interval.
+        next_listing = now + self._interval * self._rng.uniform(0.9, 1.1)
+        for member in self._watches.values():
+            if member.group == group and not member.done.is_set() and member.due < next_listing:
+                member.last_unfinished = now
+                self._set_due(member, next_listing)
+
+    def learn(self, images: Sequence[Image]) -> None:
+        """Note whether a listing showed images still importing."""
+        if not self.lists_in_progress and any(i.status in ("NEW", "pending") for i in images):
+            self.lists_in_progress = True
+            self._log.info("listing.shows_in_progress")
+
+    async def _check_directly(self, watch: _Watch) -> None:
+        watch.directs += 1
+        now = self._clock.monotonic()
+        try:
+            image = await self._client.get(watch.image_id, priority=Priority.STATUS)
+        except TransientApiError as exc:
+            self._log.warning("image.poll_failed", image_id=watch.image_id, reason=str(exc))
+        except RejectedError as exc:
+            if exc.status == 404:
+                exc = ImageVanishedError(
+                    "the image no longer exists (404): it was deleted while importing",
+                    status=404,
+                    method=exc.method,
+                    path=exc.path,
+                )
+            self._resolve(watch, exc)
+            return
+        except ApiError as exc:
+            self._resolve(watch, exc)
+            return
+        else:
+            self._saw(watch, image, self._clock.monotonic())
+            if watch.done.is_set():
+                return
+        # Asked by id and still importing: ask that way again only after a while.
+        watch.next_direct = now + self._interval * 2 ** min(watch.directs, 6)
+        self._schedule(watch, self._next_check(watch, self._clock.monotonic()))
+
+    # -- deciding ---------------------------------------------------------------------
+
+    def _saw(self, watch: _Watch, image: Image, now: float) -> None:
+        watch.on_status(image)
+        watch.status = image.status
+        if image.is_available or image.has_failed:
+            if image.is_available:
+                # It finished between the last check that saw it unfinished and now.
+                finished = (watch.last_unfinished + now) / 2
+                self.model.observe(watch.size, finished - watch.submitted)
+            self._resolve(watch, image)
+        else:
+            watch.last_unfinished = now
+
+    def _resolve(self, watch: _Watch, result: Image | BaseException) -> None:
+        if not watch.done.is_set():
+            watch.result = result
+            watch.done.set()
+
+    def _should_ask_directly(self, watch: _Watch, now: float) -> bool:
+        """Whether only a ``GET`` by id can tell what became of this image."""
+        if now < watch.next_direct:
+            return False
+        if self.lists_in_progress:
+            # Listings show every live image: one missing from its group has failed.
+            return True
+        elapsed = now - watch.submitted
+        if self.model.ready:
+            return elapsed > 2 * self.model.late(watch.size) + self._interval
+        return elapsed > 8 * self._first_poll
+
+    def _first_check(self, watch: _Watch, now: float) -> float:
+        if self.model.ready:
+            return max(now, watch.submitted + self.model.early(watch.size))
+        return max(now, watch.submitted) + self._first_poll
+
+    def _next_check(self, watch: _Watch, now: float) -> float:
+        watch.checks += 1
+        if self.model.ready:
+            early = watch.submitted + self.model.early(watch.size)
+            if early > now:
+                return early
+            return now + self._interval
+        # Nothing learned yet: back off, so a long first import costs few requests.
+        return now + min(self._interval * 1.5**watch.checks, 4 * self._interval)
+
+    def _schedule(self, watch: _Watch, when: float) -> None:
+        jitter = (when - self._clock.monotonic()) * self._rng.uniform(-0.1, 0.1)
+        self._set_due(watch, when + jitter)
+
+    def _set_due(self, watch: _Watch, when: float) -> None:
+        watch.due = when
+        heapq.heappush(self._queue, (when, next(self._sequence), watch.image_id))
+        if self._queue[0][2] == watch.image_id:
+            self._changed.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,9 +86,15 @@ class Settings:
     #: DigitalOcean's limits per token: 250 in any minute, 5,000 in any hour.
     per_minute: int = 250
     per_hour: int = 5000
-    #: Wait before an image's first status check, then between checks.
-    first_poll: float = 30.0
-    poll_interval: float = 15.0
+    #: Share of both limits left to other users of the token (Terraform, CI...),
+    #: on top of what the API's headers show they spend.
+    reserve: float = 0.1
+    #: Before the importer has seen imports finish (and learned how long they
+    #: take), an image is first checked this long after its submission.
+    first_poll: float = 60.0
+    #: Between checks of an image that is due: at most this long between an
+    #: image becoming available and the importer knowing it.
+    poll_interval: float = 30.0
     #: Give up on an image this long after it was submitted.
     image_timeout: float = 3600.0
     #: One HTTP request, connect to last byte.
@@ -115,6 +122,15 @@ class Settings:
     state_path: Path | None = None
 
     @property
+    def effective_per_minute(self) -> int:
+        """The requests per minute this run allows itself, after the reserve."""
+        return max(1, math.floor(self.per_minute * (1 - self.reserve)))
+
+    @property
+    def effective_per_hour(self) -> int:
+        return max(1, math.floor(self.per_hour * (1 - self.reserve)))
+
+    @property
     def reconcile_after(self) -> float:
         return self.image_timeout if self.reconcile_window is None else self.reconcile_window
 
@@ -133,3 +149,5 @@ class Settings:
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigurationError(f"{name} must be positive, got {value}")
+        if not 0 <= self.reserve < 1:
+            raise ConfigurationError(f"reserve is a fraction in [0, 1), got {self.reserve}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import anyio
 import pytest
 from hypothesis import given, settings
@@ -9,7 +11,7 @@ from hypothesis import strategies as st
 
 from importer.api import RateLimit
 from importer.clock import LoopClock
-from importer.governor import Governor, SlidingLog, Window
+from importer.governor import Governor, Priority, SlidingLog, Window
 from tests.fakes import FakeClock
 
 NO_HINT = RateLimit(limit=None, remaining=None, reset=None, retry_after=None)
@@ -53,7 +55,11 @@ async def test_governor_respects_both_windows_under_load() -> None:
     """600 concurrent requests on virtual time: never more than 250/min or 400/h, and no idling."""
     clock = LoopClock(epoch=0.0)
     governor = Governor(
-        clock, concurrency=16, windows=(Window(250, 60.0), Window(400, 3600.0)), margin=0.5
+        clock,
+        concurrency=16,
+        windows=(Window(250, 60.0), Window(400, 3600.0)),
+        margin=0.5,
+        status_share=0.0,
     )
     admitted: list[float] = []
 
@@ -76,24 +82,26 @@ async def test_governor_respects_both_windows_under_load() -> None:
 
 @pytest.mark.anyio
 async def test_governor_limits_concurrency() -> None:
-    """No more than `concurrency` requests are ever inside their slot at once."""
+    """At most `concurrency` requests in flight, and creates leave one slot to status checks."""
     clock = LoopClock()
     governor = Governor(clock, concurrency=3, windows=(Window(1000, 60.0),))
-    inside = 0
-    peak = 0
+    inside: Counter[Priority] = Counter()
+    peaks: Counter[str] = Counter()
 
-    async def request() -> None:
-        nonlocal inside, peak
-        async with governor.slot():
-            inside += 1
-            peak = max(peak, inside)
+    async def request(priority: Priority) -> None:
+        async with governor.slot(priority):
+            inside[priority] += 1
+            peaks["all"] = max(peaks["all"], sum(inside.values()))
+            peaks[priority.name] = max(peaks[priority.name], inside[priority])
             await clock.sleep(1.0)
-            inside -= 1
+            inside[priority] -= 1
 
     async with anyio.create_task_group() as tg:
-        for _ in range(20):
-            tg.start_soon(request)
-    assert peak == 3
+        for number in range(40):
+            tg.start_soon(request, Priority.CREATE if number % 2 else Priority.STATUS)
+    assert peaks["all"] == 3
+    assert peaks["CREATE"] == 2
+    assert peaks["STATUS"] == 3
 
 
 @pytest.mark.anyio
@@ -144,3 +152,66 @@ async def test_429_without_hints_backs_off_exponentially() -> None:
         pass
     assert pauses == [2.0, 4.0, 8.0]
     assert clock.now - before == 2.0
+
+
+@pytest.mark.anyio
+async def test_status_checks_go_before_queued_creates() -> None:
+    """With creates queued behind a full minute window, a status check gets the next slot."""
+    clock = LoopClock()
+    governor = Governor(clock, concurrency=4, windows=(Window(10, 60.0),), margin=0.0)
+    order: list[str] = []
+
+    async def request(kind: str, priority: Priority) -> None:
+        async with governor.slot(priority):
+            order.append(kind)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(15):
+            tg.start_soon(request, "create", Priority.CREATE)
+        await anyio.sleep(30)  # the first 10 creates went; the rest wait for the window
+        tg.start_soon(request, "status", Priority.STATUS)
+    assert order.index("status") == 10
+
+
+@pytest.mark.anyio
+async def test_creates_leave_a_share_of_the_hour_for_status_checks() -> None:
+    """When creates have spent their part of the hour, status checks still get through."""
+    clock = LoopClock()
+    governor = Governor(
+        clock, concurrency=4, windows=(Window(100, 3600.0),), margin=0.0, status_share=0.1
+    )
+    creates: list[float] = []
+
+    async def create() -> None:
+        async with governor.slot(Priority.CREATE):
+            creates.append(clock.monotonic())
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(95):
+            tg.start_soon(create)
+        await anyio.sleep(60)
+        assert len(creates) == 90  # 10 of the hour's 100 are kept for status checks
+        start = clock.monotonic()
+        for _ in range(10):
+            async with governor.slot(Priority.STATUS):
+                pass
+        assert clock.monotonic() == start  # no wait for any of them
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_what_others_spend_comes_off_the_hour() -> None:
+    """Headers showing 40 requests used by others leave 60 of 100 for us, until they expire."""
+    clock = LoopClock()
+    governor = Governor(
+        clock, concurrency=1, windows=(Window(100, 3600.0),), margin=0.0, status_share=0.0
+    )
+    async with governor.slot():
+        pass
+    governor.observe(200, RateLimit(limit=100, remaining=59, reset=None, retry_after=None))
+    sent = [clock.monotonic()]
+    for _ in range(80):
+        async with governor.slot():
+            sent.append(clock.monotonic())
+    assert sum(1 for t in sent if t < 3600) == 60
+    assert max_in_any_window(sent, 3600.0) <= 100
