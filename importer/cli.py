@@ -14,8 +14,9 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import fields, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 import anyio
 import click
@@ -31,6 +32,7 @@ from importer.pipeline import Stopper, run_import
 from importer.report import Report
 from importer.settings import Settings, Token, default_api_url
 from importer.simulator import SimulatorConfig, run_simulator
+from importer.sizing import HeadSizer
 
 EXIT_OK = 0
 EXIT_FAILURES = 1
@@ -156,6 +158,19 @@ def validate(manifest: Path) -> None:
     help="Most requests in any hour (DigitalOcean allows 5,000 per token).",
 )
 @click.option(
+    "--reserve",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.1,
+    show_default=True,
+    help="Share of both limits left to other users of the token.",
+)
+@click.option(
+    "--size-order/--manifest-order",
+    default=True,
+    show_default=True,
+    help="Size each source with HEAD and import the largest first, or keep the manifest's order.",
+)
+@click.option(
     "--timeout",
     "image_timeout",
     type=DURATION,
@@ -173,13 +188,13 @@ def validate(manifest: Path) -> None:
     "--first-poll",
     type=DURATION,
     default=None,
-    help="Wait before an image's first status check [default: 30s; 1s with --simulate].",
+    help="Wait before an image's first status check [default: 60s; 1s with --simulate].",
 )
 @click.option(
     "--poll-interval",
     type=DURATION,
     default=None,
-    help="Between status checks of one image [default: 15s; 1s with --simulate].",
+    help="Between status checks of one image [default: 30s; 1s with --simulate].",
 )
 @click.option(
     "--log-format",
@@ -199,6 +214,8 @@ def run(
     concurrency: int,
     per_minute: int,
     per_hour: int,
+    reserve: float,
+    size_order: bool,
     image_timeout: float,
     deadline: float | None,
     first_poll: float | None,
@@ -218,6 +235,7 @@ def run(
             concurrency=concurrency,
             per_minute=per_minute,
             per_hour=per_hour,
+            reserve=reserve,
             image_timeout=image_timeout,
             deadline=deadline,
             first_poll=first_poll or demo or Settings.first_poll,
@@ -233,7 +251,9 @@ def run(
     try:
         # Opened (and locked) before anything starts, so a refusal is just a message.
         with Journal(settings.state_path or MEMORY) as journal:
-            report = anyio.run(_run, loaded, settings, journal, simulate, backend_options=options)
+            report = anyio.run(
+                _run, loaded, settings, journal, simulate, size_order, backend_options=options
+            )
     except ImporterError as error:  # the state file is locked or unusable
         _die(error)
     report.write(settings.report_path)
@@ -242,7 +262,9 @@ def run(
     sys.exit(exit_code(report))
 
 
-async def _run(manifest: Manifest, settings: Settings, journal: Journal, simulate: bool) -> Report:
+async def _run(
+    manifest: Manifest, settings: Settings, journal: Journal, simulate: bool, size_order: bool
+) -> Report:
     stopper = Stopper()
     # Wall time anchored now: under --virtual-time, timestamps still read as today.
     clock = LoopClock(epoch=time.time())
@@ -252,15 +274,32 @@ async def _run(manifest: Manifest, settings: Settings, journal: Journal, simulat
             async with run_simulator(SimulatorConfig.demo(), clock) as simulator:
                 click.echo(f"simulator listening on {simulator.base_url}", err=True)
                 settings = replace(settings, api_url=simulator.base_url)
+                # The example URLs lead nowhere: ask the simulator's file host, which
+                # knows every file name, instead of the internet.
+                sizer = HeadSizer(rewrite=lambda url: simulator.file_url(_file_name(url)))
                 report = await run_import(
-                    manifest, settings, clock=clock, stopper=stopper, journal=journal
+                    manifest,
+                    settings,
+                    clock=clock,
+                    stopper=stopper,
+                    journal=journal,
+                    sizer=sizer if size_order else None,
                 )
         else:
             report = await run_import(
-                manifest, settings, clock=clock, stopper=stopper, journal=journal
+                manifest,
+                settings,
+                clock=clock,
+                stopper=stopper,
+                journal=journal,
+                sizer=HeadSizer() if size_order else None,
             )
         signals.cancel_scope.cancel()
     return report
+
+
+def _file_name(url: str) -> str:
+    return PurePosixPath(urlsplit(url).path).name or "image"
 
 
 async def _stop_on_signals(stopper: Stopper) -> None:

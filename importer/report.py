@@ -118,8 +118,10 @@ class Report:
         ]
         if self.stopped:
             lines.append(f"run stopped early: {self.stopped}")
+        # A short run lists every image; a long one only those needing attention.
+        every = len(self.images) <= 20
         for result in self.images:
-            if not result.outcome.is_success:
+            if every or not result.outcome.is_success:
                 ident = f" image {result.image_id}" if result.image_id else ""
                 error = f": {result.error}" if result.error else ""
                 lines.append(
