@@ -386,6 +386,21 @@ def _fault_options(command: FC) -> FC:
     "API's behaviour is unknown].",
 )
 @click.option(
+    "--new-seconds", type=click.FloatRange(0), default=None, help="How long an image stays NEW."
+)
+@click.option(
+    "--pending-seconds",
+    type=click.FloatRange(0),
+    default=None,
+    help="How long it then stays pending, before the per-GiB part.",
+)
+@click.option(
+    "--seconds-per-gib",
+    type=click.FloatRange(0),
+    default=None,
+    help="Import time added per GiB of source file.",
+)
+@click.option(
     "--revoke-after",
     type=click.IntRange(0),
     default=None,

@@ -448,6 +448,7 @@ async def run_import(
                 clock,
                 first_poll=settings.first_poll,
                 poll_interval=settings.poll_interval,
+                image_timeout=settings.image_timeout,
                 rng=rng,
             )
             plan = make_plan(manifest, sizes)

@@ -129,12 +129,16 @@ class StatusPoller:
         *,
         first_poll: float,
         poll_interval: float,
+        image_timeout: float = math.inf,
         rng: random.Random | None = None,
     ) -> None:
         self._client = client
         self._clock = clock
         self._first_poll = first_poll
         self._interval = poll_interval
+        # Every image is asked for by id once before its timeout, so that a failure
+        # is reported as one (with its message), never as a timeout.
+        self._last_call = 0.9 * image_timeout
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._log = structlog.get_logger("importer.poller")
         self._watches: dict[int, _Watch] = {}
@@ -301,6 +305,8 @@ class StatusPoller:
         """Whether only a ``GET`` by id can tell what became of this image."""
         if now < watch.next_direct:
             return False
+        if watch.directs == 0 and now >= watch.submitted + self._last_call:
+            return True
         if self.lists_in_progress:
             # Listings show every live image: one missing from its group has failed.
             return True
@@ -311,18 +317,26 @@ class StatusPoller:
 
     def _first_check(self, watch: _Watch, now: float) -> float:
         if self.model.ready:
-            return max(now, watch.submitted + self.model.early(watch.size))
-        return max(now, watch.submitted) + self._first_poll
+            when = max(now, watch.submitted + self.model.early(watch.size))
+        else:
+            when = max(now, watch.submitted) + self._first_poll
+        return self._not_after_last_call(watch, when)
 
     def _next_check(self, watch: _Watch, now: float) -> float:
         watch.checks += 1
         if self.model.ready:
             early = watch.submitted + self.model.early(watch.size)
-            if early > now:
-                return early
-            return now + self._interval
-        # Nothing learned yet: back off, so a long first import costs few requests.
-        return now + min(self._interval * 1.5**watch.checks, 4 * self._interval)
+            when = early if early > now else now + self._interval
+        else:
+            # Nothing learned yet: back off, so a long first import costs few requests.
+            when = now + min(self._interval * 1.5**watch.checks, 4 * self._interval)
+        return self._not_after_last_call(watch, when)
+
+    def _not_after_last_call(self, watch: _Watch, when: float) -> float:
+        last_call = watch.submitted + self._last_call
+        if watch.directs == 0 and when > last_call:
+            return max(last_call, self._clock.monotonic())
+        return when
 
     def _schedule(self, watch: _Watch, when: float) -> None:
         jitter = (when - self._clock.monotonic()) * self._rng.uniform(-0.1, 0.1)

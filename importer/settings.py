@@ -94,7 +94,7 @@ class Settings:
     first_poll: float = 60.0
     #: Between checks of an image that is due: at most this long between an
     #: image becoming available and the importer knowing it.
-    poll_interval: float = 30.0
+    poll_interval: float = 40.0
     #: Give up on an image this long after it was submitted.
     image_timeout: float = 3600.0
     #: One HTTP request, connect to last byte.
@@ -108,7 +108,7 @@ class Settings:
     max_rate_limited: int = 30
     #: Creates sent for one entry before it is given up (each after the previous
     #: one's outcome was unknown and reconciliation found no image).
-    max_creates: int = 3
+    max_creates: int = 8
     #: How long an image whose create answer was lost may stay invisible in
     #: listings before it is taken as absent. ``None``: the per-image timeout, the
     #: longest an import in progress (which listings may hide) can take.

@@ -29,10 +29,13 @@ class HeadSizer:
         *,
         concurrency: int = 16,
         timeout: float = 10.0,
+        total_timeout: float = 60.0,
         rewrite: UrlRewrite | None = None,
     ) -> None:
         self._concurrency = concurrency
         self._timeout = timeout
+        # Sizing only orders the work: it must never hold the run up for long.
+        self._total_timeout = total_timeout
         self._rewrite = rewrite
         self._log = structlog.get_logger("importer.sizing")
 
@@ -47,9 +50,10 @@ class HeadSizer:
                 async with limiter:
                     sizes[entry.index] = await self._head(session, entry.url)
 
-            async with anyio.create_task_group() as tg:
-                for entry in entries:
-                    tg.start_soon(one, entry)
+            with anyio.move_on_after(self._total_timeout):
+                async with anyio.create_task_group() as tg:
+                    for entry in entries:
+                        tg.start_soon(one, entry)
         known = sum(size is not None for size in sizes.values())
         self._log.info("plan.sized", images=len(entries), sized=known)
         return sizes

@@ -38,12 +38,15 @@ def test_killed_twice_under_faults_ends_with_exactly_one_image_per_entry(tmp_pat
         "--seed", "11", "--error-rate", "0.10", "--lost-create-rate", "0.05",
         "--reset-rate", "0.03", "--slow-rate", "0.05", "--slow-seconds", "1",
         "--per-minute", "100000", "--per-hour", "1000000",
+        # Imports of about a second: the test is about faults and kills, not waiting.
+        "--new-seconds", "0.3", "--pending-seconds", "0.5", "--seconds-per-gib", "0.05",
     )  # fmt: skip
     with simulator_process(*faults) as base_url:
         command = importer_command(
             manifest_path, base_url, tmp_path,
             "--per-minute", "100000", "--per-hour", "1000000", "--concurrency", "16",
-            "--first-poll", "1s", "--poll-interval", "1s", "--timeout", "12s",
+            "--first-poll", "1s", "--poll-interval", "1s", "--timeout", "6s",
+            "--manifest-order",  # the example URLs lead nowhere: no HEAD requests
         )  # fmt: skip
         kills = 0
         exit_codes = []
@@ -85,6 +88,7 @@ def test_killed_twice_under_faults_ends_with_exactly_one_image_per_entry(tmp_pat
 
     for item, result in zip(plan, report["images"], strict=True):
         assert result["tag"] == item.tag
+        assert result["image_id"] in images_by_id, json.dumps(result)
         image = images_by_id[result["image_id"]]
         assert item.tag in image["tags"]
         if "fail-decompress" in item.entry.url:

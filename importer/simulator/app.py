@@ -9,6 +9,7 @@ authenticate, apply the rate limits, draw faults, then handle it. The file host
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -92,13 +93,31 @@ def _route_key(request: web.Request) -> str:
 
 @web.middleware
 async def _api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if not (request.path == "/v2" or request.path.startswith("/v2/")):
-        return await handler(request)
     world = request.app[WORLD]
+    if not (request.path == "/v2" or request.path.startswith("/v2/")):
+        # The file host and the admin view never await: all of their time is the simulator's.
+        started = time.process_time()
+        try:
+            return await handler(request)
+        finally:
+            world.cpu_seconds += time.process_time() - started
     request_id = world.next_request_id()
     route = _route_key(request)
     world.count_request(route)
     body = await request.read()
+    # CPU time is charged to the simulator only where nothing awaits, so that no other
+    # task's work lands in it: the handlers' own reads return this cached body, and the
+    # one sleep (a `slow` fault) is left out.
+    started = time.process_time()
+    try:
+        return await _serve_api(request, handler, world, request_id, route, body)
+    finally:
+        world.cpu_seconds += time.process_time() - started
+
+
+async def _serve_api(
+    request: web.Request, handler: Handler, world: World, request_id: str, route: str, body: bytes
+) -> web.StreamResponse:
     admission = world.admit(request.headers.get("Authorization"))
     headers = {**admission.headers, "x-request-id": request_id}
     if admission.problem is not None:
@@ -110,7 +129,9 @@ async def _api_middleware(request: web.Request, handler: Handler) -> web.StreamR
     faults = world.draw_faults(request.method, request.path_qs, body.replace(own_host, b""))
     if faults.slow:
         world.record_fault("slow")
+        slept = time.process_time()
         await world.clock.sleep(world.config.slow_seconds)
+        world.cpu_seconds -= time.process_time() - slept
     if faults.reset:
         world.record_fault("reset")
         return _drop_connection(request)

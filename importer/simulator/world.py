@@ -275,7 +275,9 @@ class World:
     failed and user-deleted ones), ``actions`` (id -> :class:`SimAction`),
     ``request_counts`` (``"METHOD /route"`` -> requests received),
     ``rate_limited_count`` (429s sent), ``fault_counts`` (fault kind -> times
-    applied). :meth:`state` gives the same as JSON.
+    applied). :meth:`state` gives the same as JSON. ``cpu_seconds`` is the process
+    CPU time spent handling ``/v2`` and file-host requests, so that a benchmark
+    running a client in the same process can subtract the simulator's share.
     """
 
     def __init__(self, config: SimulatorConfig, clock: Clock) -> None:
@@ -286,6 +288,7 @@ class World:
         self.request_counts: Counter[str] = Counter()
         self.rate_limited_count = 0
         self.fault_counts: Counter[str] = Counter()
+        self.cpu_seconds = 0.0
         self._budgets: dict[str, _Budget] = {}
         self._fault_occurrences: Counter[str] = Counter()
         self._next_image_id = FIRST_IMAGE_ID
