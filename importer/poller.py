@@ -113,6 +113,8 @@ class _Watch:
     #: The last time the image was known not to be finished.
     last_unfinished: float = 0.0
     status: str | None = None
+    #: When a listing last showed this image.
+    listed_at: float = -math.inf
     next_direct: float = 0.0
     directs: int = 0
     result: Image | BaseException | None = None
@@ -190,17 +192,21 @@ class StatusPoller:
                 await self._sleep_until_next()
                 continue
             groups = {watch.group for watch in due}
+            listed_from = self._clock.monotonic()
             async with anyio.create_task_group() as tg:
                 for group in sorted(groups):
                     tg.start_soon(self._check_group, group)
             now = self._clock.monotonic()
+            due_ids = {watch.image_id for watch in due}
+            # The listings spoke of every member of their groups, due or not.
+            members = [
+                w for w in self._watches.values() if w.group in groups and not w.done.is_set()
+            ]
             async with anyio.create_task_group() as tg:
-                for watch in due:
-                    if watch.done.is_set():
-                        continue
-                    if self._should_ask_directly(watch, now):
+                for watch in members:
+                    if watch.listed_at < listed_from and self._should_ask_directly(watch, now):
                         tg.start_soon(self._check_directly, watch)
-                    else:
+                    elif watch.image_id in due_ids:
                         # Never before its group's next listing (set by the check above).
                         self._schedule(watch, max(self._next_check(watch, now), watch.due))
 
@@ -239,6 +245,7 @@ class StatusPoller:
         for image in images:
             watch = self._watches.get(image.id)
             if watch is not None and not watch.done.is_set():
+                watch.listed_at = now
                 self._saw(watch, image, now)
         # This listing checked the whole group: none of it is due again before the
         # next interval, so a group is listed at most once per interval.
