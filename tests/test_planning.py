@@ -68,10 +68,8 @@ async def test_head_sizer_reads_content_length() -> None:
 async def test_head_sizer_can_ask_elsewhere() -> None:
     """A rewrite sends HEAD to another host (the simulator's, under --simulate)."""
     async with run_simulator(SimulatorConfig.demo()) as sim:
-        manifest = Manifest(
-            1, (Entry(0, "a", "https://images.example.com/x/a-size-2G.vmdk", "nyc3", None, None, ()),),
-            "m",
-        )  # fmt: skip
+        url = "https://images.example.com/x/a-size-2G.vmdk"
+        manifest = Manifest(1, (Entry(0, "a", url, "nyc3", None, None, ()),), "m")
         sizer = HeadSizer(rewrite=lambda url: sim.file_url(url.rsplit("/", 1)[-1]))
         sizes = await sizer.sizes(manifest.entries)
     assert sizes == {0: 2 * GIB}
