@@ -100,7 +100,11 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
     Use it for tests and benchmarks whose server and client share this loop:
     ``anyio.run(main, backend_options={"loop_factory": VirtualTimeLoop})``.
-    Work done in threads or other processes takes no virtual time.
+
+    Keep threads out of such runs: while a thread works, the loop sees nothing
+    ready and jumps to its next timer, so a thread's answer arrives at an
+    arbitrary virtual time. (A host name makes aiohttp resolve it in a thread:
+    use IP literals; ``trust_env=True`` reads proxy settings in one.)
     """
 
     def __init__(self) -> None:
