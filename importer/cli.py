@@ -138,7 +138,7 @@ def validate(manifest: Path) -> None:
 )
 @click.option(
     "--concurrency",
-    type=click.IntRange(1, 256),
+    type=click.IntRange(2, 256),
     default=8,
     show_default=True,
     help="Requests in flight at once.",

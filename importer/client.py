@@ -110,12 +110,18 @@ class ImagesClient:
     # -- operations ---------------------------------------------------------------
 
     async def create(
-        self, request: CreateRequest, *, on_send: Callable[[], None] | None = None
+        self,
+        request: CreateRequest,
+        *,
+        on_send: Callable[[], None] | None = None,
+        on_not_sent: Callable[[], None] | None = None,
     ) -> Image:
         """Submit one import; the answer's image has status ``NEW``.
 
         ``on_send`` runs right before each attempt leaves, once the governor has
-        admitted it: the moment from which the image may exist.
+        admitted it: the moment from which the image may exist. ``on_not_sent``
+        runs when an attempt was certainly not processed (a 429, or a connection
+        that never opened), before it is retried.
         """
         envelope: ImageEnvelope = await self._call(
             ImageEnvelope,
@@ -125,6 +131,7 @@ class ImagesClient:
             body=request.body(),
             idempotent=False,
             on_send=on_send,
+            on_not_sent=on_not_sent,
             priority=Priority.CREATE,
         )
         return envelope.image
@@ -184,6 +191,7 @@ class ImagesClient:
         body: Mapping[str, Any] | None = None,
         idempotent: bool = True,
         on_send: Callable[[], None] | None = None,
+        on_not_sent: Callable[[], None] | None = None,
         priority: Priority = Priority.STATUS,
     ) -> Any:
         tally: Counter[str] = Counter()
@@ -229,9 +237,22 @@ class ImagesClient:
         try:
             async for attempt in retrying:
                 with attempt:
-                    return await self._send_once(
-                        model, method, path, template, params, body, idempotent, on_send, priority
-                    )
+                    try:
+                        return await self._send_once(
+                            model,
+                            method,
+                            path,
+                            template,
+                            params,
+                            body,
+                            idempotent,
+                            on_send,
+                            priority,
+                        )
+                    except (RateLimitedError, _NotSent):
+                        if on_not_sent is not None:
+                            on_not_sent()
+                        raise
         except _NotSent as exc:
             raise ApiUnreachableError(exc.api_message, method=method, path=template) from None
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover

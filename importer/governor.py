@@ -144,8 +144,11 @@ class _PriorityGate:
 
     async def _acquire(self, priority: int) -> None:
         if self._free > 0 and not self._waiters:
+            # Cancellation may strike only before the slot is ours, never after:
+            # a slot taken by a cancelled task would never come back.
+            await anyio.lowlevel.checkpoint_if_cancelled()
             self._free -= 1
-            await anyio.lowlevel.checkpoint()
+            await anyio.lowlevel.cancel_shielded_checkpoint()
             return
         waiter = _Waiter(priority, next(self._sequence), anyio.Event())
         heapq.heappush(self._waiters, waiter)
@@ -184,13 +187,13 @@ class Governor:
         default_pause: float = 5.0,
         max_pause: float = 3600.0,
     ) -> None:
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
+        if concurrency < 2:
+            raise ValueError("concurrency must be at least 2: one slot is kept for status checks")
         self._clock = clock
         self._in_flight = _PriorityGate(concurrency)
         # Creates may fill all but one slot: a status check never waits for a
         # create that itself waits for budget.
-        self._creates = _PriorityGate(max(1, concurrency - 1))
+        self._creates = _PriorityGate(concurrency - 1)
         self._head = _PriorityGate(1)
         self._logs = [SlidingLog(w, margin) for w in windows]
         # The window DigitalOcean's ratelimit-* headers describe: the hour.

@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS entries (
     creates_sent  INTEGER NOT NULL DEFAULT 0,
     uncertain     INTEGER NOT NULL DEFAULT 0,
     duplicates    TEXT NOT NULL DEFAULT '[]',
+    first_sent_at REAL,
     submitted_at  REAL,
     finished_at   REAL,
     updated_at    REAL
@@ -77,6 +78,9 @@ class EntryState:
     creates_sent: int
     uncertain: int
     duplicates: tuple[int, ...]
+    #: When the first create for this entry left (wall time): no image of the
+    #: entry's created before then can be one of ours.
+    first_sent_at: float | None
     submitted_at: float | None
     finished_at: float | None
 
@@ -125,7 +129,8 @@ class Journal:
     def get(self, tag: str) -> EntryState | None:
         row = self._db.execute(
             "SELECT tag, name, region, phase, image_id, status, outcome, error, creates_sent,"
-            " uncertain, duplicates, submitted_at, finished_at FROM entries WHERE tag = ?",
+            " uncertain, duplicates, first_sent_at, submitted_at, finished_at"
+            " FROM entries WHERE tag = ?",
             (tag,),
         ).fetchone()
         if row is None:
@@ -142,8 +147,9 @@ class Journal:
             creates_sent=row[8],
             uncertain=row[9],
             duplicates=tuple(json.loads(row[10])),
-            submitted_at=row[11],
-            finished_at=row[12],
+            first_sent_at=row[11],
+            submitted_at=row[12],
+            finished_at=row[13],
         )
 
     # -- writing --------------------------------------------------------------------
@@ -151,12 +157,24 @@ class Journal:
     def creating(self, tag: str, name: str, region: str, now: float) -> None:
         """A create for ``tag`` is about to leave: from here on it may exist."""
         self._db.execute(
-            "INSERT INTO entries(tag, name, region, phase, creates_sent, updated_at)"
-            " VALUES (?, ?, ?, 'creating', 1, ?)"
+            "INSERT INTO entries(tag, name, region, phase, creates_sent, first_sent_at, updated_at)"
+            " VALUES (?, ?, ?, 'creating', 1, ?, ?)"
             " ON CONFLICT(tag) DO UPDATE SET phase='creating', image_id=NULL, status=NULL,"
             " outcome=NULL, error=NULL, creates_sent=creates_sent+1,"
+            " first_sent_at=COALESCE(first_sent_at, excluded.first_sent_at),"
             " updated_at=excluded.updated_at",
-            (tag, name, region, now),
+            (tag, name, region, now, now),
+        )
+
+    def not_sent(self, tag: str) -> None:
+        """The create just recorded was certainly not processed (a 429, no connection).
+
+        If nothing before it can have made an image either, the entry is as if
+        never touched: a stop now must not leave it to be reconciled.
+        """
+        self._db.execute(
+            "DELETE FROM entries WHERE tag=? AND phase='creating' AND uncertain=0",
+            (tag,),
         )
 
     def uncertain(self, tag: str, now: float) -> None:

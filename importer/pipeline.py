@@ -19,10 +19,12 @@ tag before it sends another create (see :meth:`Importer._reconcile`).
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 
 import aiohttp
 import anyio
@@ -35,6 +37,7 @@ from importer.errors import (
     ApiError,
     ApiUnreachableError,
     AuthenticationError,
+    RateLimitedError,
     RejectedError,
     TransientApiError,
     UncertainCreateError,
@@ -122,6 +125,8 @@ class Importer:
             for item in self._plan
         }
         self._scope: anyio.CancelScope | None = None
+        #: Entries whose create's outcome is being found out.
+        self._unsure: set[int] = set()
         self.stopped: str | None = None
 
     # -- running ------------------------------------------------------------------
@@ -177,57 +182,80 @@ class Importer:
             log.info("image.resumed", outcome=state.outcome, image_id=state.image_id)
             return
         try:
-            image_id = await self._ensure_submitted(item, state, log, turn)
-            if image_id is None:
+            submitted = await self._ensure_submitted(item, state, log, turn)
+            if submitted is None:
                 return
-            with anyio.move_on_after(self._settings.image_timeout):
-                final = await self._poller.wait(
-                    image_id,
-                    lambda i: self._saw(item, i, log),
-                    group=item.group,
-                    size=item.size,
-                    submitted_at=self._progress[item.index].result.submitted_at,
+            image_id, fresh = submitted
+            final = await self._wait_for(item, image_id, fresh, log)
+            if self._was_uncertain(item):
+                # Whatever the outcome, the entry must not end with a second live image.
+                await self._remove_duplicates(item, keep=image_id, log=log)
+            if final is None:
+                self._finish(item, Outcome.TIMED_OUT, error="timed out waiting for the import")
+                log.warning(
+                    "image.timed_out", image_id=image_id, timeout=self._settings.image_timeout
                 )
-                if final.is_available and self._was_uncertain(item):
-                    await self._remove_duplicates(item, keep=final.id, log=log)
+            else:
                 self._finished_with(item, final, log)
-                return
-            self._finish(item, Outcome.TIMED_OUT, error="timed out waiting for the import")
-            log.warning("image.timed_out", image_id=image_id, timeout=self._settings.image_timeout)
         except AuthenticationError as exc:
             self._fail_run(item, "authentication_failed", exc)
         except ApiUnreachableError as exc:
             self._fail_run(item, "api_unreachable", exc)
-        except (RejectedError, TransientApiError) as exc:
-            # Polling or reconciling gave up on this image (e.g. it vanished).
+        except ApiError as exc:
+            # Polling gave up on this image (e.g. it vanished), or an answer no rule
+            # foresaw: this image's failure, not the run's.
             self._finish(item, Outcome.FAILED, error=_message(exc))
             log.warning("image.failed", error=_message(exc))
+
+    async def _wait_for(
+        self, item: PlannedImport, image_id: int, fresh: bool, log: Log
+    ) -> Image | None:
+        """The image once it finished, or ``None`` at its timeout (counted from submission)."""
+        submitted_at = self._progress[item.index].result.submitted_at
+        elapsed = self._clock.wall() - submitted_at if submitted_at is not None else 0.0
+        with anyio.move_on_after(max(0.0, self._settings.image_timeout - elapsed)):
+            return await self._poller.wait(
+                image_id,
+                lambda i: self._saw(item, i, log),
+                group=item.group,
+                size=item.size,
+                submitted_at=submitted_at,
+                fresh=fresh,
+            )
+        return None
 
     # -- submitting, without ever making a duplicate --------------------------------
 
     async def _ensure_submitted(
         self, item: PlannedImport, state: EntryState | None, log: Log, turn: _Turn
-    ) -> int | None:
+    ) -> tuple[int, bool] | None:
         """The entry's image id, creating the image if (and only if) it does not exist.
 
-        ``turn`` is handed back once the first create has an answer (or none is
-        needed), so that the next entry may start.
+        Also says whether this run created it just now. ``turn`` is handed back
+        once the first create has an answer (or none is needed), so that the
+        next entry may start.
         """
         if state is not None and state.phase is Phase.SUBMITTED and state.image_id is not None:
+            turn.done()
             self._update(
                 item, image_id=state.image_id, status=state.status, submitted_at=state.submitted_at
             )
             log.info("image.resumed", image_id=state.image_id, status=state.status)
-            return state.image_id
-        # A previous run sent a create and never learned its outcome.
+            return state.image_id, False
         uncertain = state is not None and state.phase is Phase.CREATING
-        creates = state.uncertain if state is not None else 0
+        if uncertain:
+            # A previous run sent a create and never learned its outcome (it may
+            # have been killed before counting it uncertain): count it now.
+            self._journal.uncertain(item.tag, self._clock.wall())
+        creates = self._journal_uncertain(item)
         while True:
             if uncertain:
                 turn.done()  # reconciling may take long; let the next entry go
+                self._unsure.add(item.index)
                 found = await self._reconcile(item, log)
+                self._unsure.discard(item.index)
                 if found is not None:
-                    return self._submitted(item, found, log, adopted=True)
+                    return self._submitted(item, found, log, adopted=True), False
             if creates >= self._settings.max_creates:
                 error = f"gave up after {creates} creates whose outcome stayed unknown"
                 self._finish(item, Outcome.FAILED, error=error)
@@ -240,7 +268,14 @@ class Importer:
                     on_send=lambda: self._journal.creating(
                         item.tag, item.entry.name, item.entry.region, self._clock.wall()
                     ),
+                    on_not_sent=lambda: self._journal.not_sent(item.tag),
                 )
+            except RateLimitedError as exc:
+                # Never processed, so never created: the entry stays to be submitted.
+                turn.done()
+                self._update(item, error=_message(exc))
+                log.warning("image.not_submitted", error=_message(exc))
+                return None
             except RejectedError as exc:
                 turn.done()
                 self._finish(item, Outcome.REJECTED, error=_message(exc))
@@ -253,7 +288,11 @@ class Importer:
                 uncertain = True
                 continue
             turn.done()
-            return self._submitted(item, image, log, adopted=False)
+            return self._submitted(item, image, log, adopted=False), True
+
+    def _journal_uncertain(self, item: PlannedImport) -> int:
+        state = self._journal.get(item.tag)
+        return state.uncertain if state is not None else 0
 
     def _submitted(self, item: PlannedImport, image: Image, log: Log, *, adopted: bool) -> int:
         now = self._clock.wall()
@@ -274,12 +313,18 @@ class Importer:
         """
         give_up_at = self._clock.monotonic() + self._settings.reconcile_after
         while True:
-            images = await self._client.list(tag_name=item.tag)
+            try:
+                images = await self._ours(item)
+            except (TransientApiError, RateLimitedError) as exc:
+                # Not knowing is no proof of absence: ask again, however long it takes.
+                log.warning("image.reconcile_failed", error=_message(exc))
+                await self._clock.sleep(self._settings.poll_interval)
+                continue
             self._poller.learn(images)
             live = [image for image in images if not image.has_failed]
             if live:
                 keep = min(live, key=lambda i: (not i.is_available, i.id))
-                await self._delete_extras(item, live, keep.id, log)
+                await self._remove_duplicates(item, keep=keep.id, log=log, live=live)
                 return keep
             if self._poller.lists_in_progress or await self._probe_listing():
                 log.info("image.absent", tag=item.tag)
@@ -289,6 +334,21 @@ class Importer:
                 return None
             log.info("image.reconciling", tag=item.tag)
             await self._clock.sleep(self._settings.poll_interval)
+
+    async def _ours(self, item: PlannedImport) -> list[Image]:
+        """The images carrying the entry's tag that this entry's creates may have made.
+
+        An earlier import of the same entry (with another state file) carries the
+        same tag; it was created before this entry's first create left, and is
+        neither adopted nor deleted.
+        """
+        images = await self._client.list(tag_name=item.tag)
+        state = self._journal.get(item.tag)
+        if state is None or state.first_sent_at is None:
+            return images
+        # Allow for clocks that disagree, ours and DigitalOcean's.
+        since = state.first_sent_at - CLOCK_SKEW
+        return [image for image in images if _created(image) >= since]
 
     async def _probe_listing(self) -> bool:
         """Whether listings show importing images, asked of a group known to be importing."""
@@ -303,11 +363,21 @@ class Importer:
         state = self._journal.get(item.tag)
         return state is not None and state.uncertain > 0
 
-    async def _remove_duplicates(self, item: PlannedImport, *, keep: int, log: Log) -> None:
-        """After an uncertain create, make sure the entry ends with exactly one image."""
-        images = await self._client.list(tag_name=item.tag)
-        live = [image for image in images if not image.has_failed]
-        await self._delete_extras(item, live, keep, log)
+    async def _remove_duplicates(
+        self, item: PlannedImport, *, keep: int, log: Log, live: Sequence[Image] | None = None
+    ) -> None:
+        """After an uncertain create, make sure the entry ends with one image at most.
+
+        A failure here is logged, never the image's outcome: the image is what it is.
+        """
+        try:
+            if live is None:
+                live = [image for image in await self._ours(item) if not image.has_failed]
+            await self._delete_extras(item, live, keep, log)
+        except (AuthenticationError, ApiUnreachableError):
+            raise
+        except ApiError as exc:
+            log.error("image.duplicate_check_failed", error=_message(exc))
 
     async def _delete_extras(
         self, item: PlannedImport, live: Sequence[Image], keep: int, log: Log
@@ -380,9 +450,14 @@ class Importer:
         progress.done = True
 
     def _finish_unfinished(self) -> None:
-        for progress in self._progress.values():
-            if not progress.done and progress.result.image_id is not None:
+        for index, progress in self._progress.items():
+            if progress.done:
+                continue
+            if progress.result.image_id is not None:
                 progress.result = replace(progress.result, outcome=Outcome.PENDING)
+            elif index in self._unsure:
+                error = "the create's outcome is not known yet; a run with the same state finds out"
+                progress.result = replace(progress.result, outcome=Outcome.PENDING, error=error)
 
     async def _report_progress(self) -> None:
         while True:
@@ -469,3 +544,17 @@ async def run_import(
 
 def _message(exc: ApiError) -> str:
     return redact_text(exc.api_message)
+
+
+#: How far DigitalOcean's clock may be from ours when comparing creation times.
+CLOCK_SKEW = 300.0
+
+
+def _created(image: Image) -> float:
+    """When the API says the image was created (Unix time); +inf when it does not say."""
+    if not image.created_at:
+        return math.inf
+    try:
+        return datetime.fromisoformat(image.created_at.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return math.inf

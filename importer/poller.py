@@ -34,7 +34,7 @@ import structlog
 from importer.api import Image
 from importer.client import ImagesClient
 from importer.clock import Clock
-from importer.errors import ApiError, RejectedError, TransientApiError
+from importer.errors import ApiError, RateLimitedError, RejectedError, TransientApiError
 from importer.governor import Priority
 
 #: Called with each status seen, so the caller can record it.
@@ -110,8 +110,9 @@ class _Watch:
     on_status: StatusCallback
     due: float = 0.0
     checks: int = 0
-    #: The last time the image was known not to be finished.
-    last_unfinished: float = 0.0
+    #: The last time the image was known not to be finished, if this run knows one:
+    #: only then does its finishing tell how long imports take.
+    last_unfinished: float | None = None
     status: str | None = None
     #: When a listing last showed this image.
     listed_at: float = -math.inf
@@ -161,16 +162,26 @@ class StatusPoller:
         group: str,
         size: int | None = None,
         submitted_at: float | None = None,
+        fresh: bool = True,
     ) -> Image:
         """The image once it is ``available`` or ``deleted``/``retired``.
 
-        ``submitted_at`` (wall time) places an image submitted by an earlier run.
+        ``submitted_at`` (wall time) places an image submitted earlier. ``fresh``
+        says it was just created by this run (so it was importing at
+        ``submitted_at``); a resumed or adopted image was not seen importing.
         """
         now = self._clock.monotonic()
         submitted = now
         if submitted_at is not None:
             submitted = now - max(0.0, self._clock.wall() - submitted_at)
-        watch = _Watch(image_id, group, size, submitted, on_status, last_unfinished=submitted)
+        watch = _Watch(
+            image_id,
+            group,
+            size,
+            submitted,
+            on_status,
+            last_unfinished=submitted if fresh else None,
+        )
         self._watches[image_id] = watch
         self._schedule(watch, self._first_check(watch, now))
         try:
@@ -192,21 +203,25 @@ class StatusPoller:
                 await self._sleep_until_next()
                 continue
             groups = {watch.group for watch in due}
+            listed: set[str] = set()
             listed_from = self._clock.monotonic()
             async with anyio.create_task_group() as tg:
                 for group in sorted(groups):
-                    tg.start_soon(self._check_group, group)
+                    tg.start_soon(self._check_group, group, listed)
             now = self._clock.monotonic()
             due_ids = {watch.image_id for watch in due}
-            # The listings spoke of every member of their groups, due or not.
+            # A listing speaks of every member of its group, due or not; a failed one
+            # of none (its members are checked again later, not asked one by one).
             members = [
-                w for w in self._watches.values() if w.group in groups and not w.done.is_set()
+                w for w in self._watches.values() if w.group in listed and not w.done.is_set()
             ]
             async with anyio.create_task_group() as tg:
                 for watch in members:
                     if watch.listed_at < listed_from and self._should_ask_directly(watch, now):
                         tg.start_soon(self._check_directly, watch)
-                    elif watch.image_id in due_ids:
+                        due_ids.discard(watch.image_id)
+                for watch in due:
+                    if watch.image_id in due_ids and not watch.done.is_set():
                         # Never before its group's next listing (set by the check above).
                         self._schedule(watch, max(self._next_check(watch, now), watch.due))
 
@@ -229,10 +244,11 @@ class StatusPoller:
                 due.append(watch)
         return due
 
-    async def _check_group(self, group: str) -> None:
+    async def _check_group(self, group: str, listed: set[str]) -> None:
         try:
             images = await self._client.list(tag_name=group, priority=Priority.STATUS)
-        except TransientApiError as exc:
+        except (TransientApiError, RateLimitedError, RejectedError) as exc:
+            # A listing that failed says nothing about the images: check again later.
             self._log.warning("group.poll_failed", group=group, reason=str(exc))
             return
         except ApiError as exc:
@@ -240,6 +256,7 @@ class StatusPoller:
             for member in [w for w in self._watches.values() if w.group == group]:
                 self._resolve(member, exc)
             return
+        listed.add(group)
         self.learn(images)
         now = self._clock.monotonic()
         for image in images:
@@ -252,6 +269,7 @@ class StatusPoller:
         next_listing = now + self._interval * self._rng.uniform(0.9, 1.1)
         for member in self._watches.values():
             if member.group == group and not member.done.is_set() and member.due < next_listing:
+                # Listed importing, or not listed and so not available: unfinished now.
                 member.last_unfinished = now
                 self._set_due(member, next_listing)
 
@@ -266,7 +284,7 @@ class StatusPoller:
         now = self._clock.monotonic()
         try:
             image = await self._client.get(watch.image_id, priority=Priority.STATUS)
-        except TransientApiError as exc:
+        except (TransientApiError, RateLimitedError) as exc:
             self._log.warning("image.poll_failed", image_id=watch.image_id, reason=str(exc))
         except RejectedError as exc:
             if exc.status == 404:
@@ -295,7 +313,7 @@ class StatusPoller:
         watch.on_status(image)
         watch.status = image.status
         if image.is_available or image.has_failed:
-            if image.is_available:
+            if image.is_available and watch.last_unfinished is not None:
                 # It finished between the last check that saw it unfinished and now.
                 finished = (watch.last_unfinished + now) / 2
                 self.model.observe(watch.size, finished - watch.submitted)

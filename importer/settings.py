@@ -81,7 +81,7 @@ class Settings:
 
     token: Token
     api_url: str = DEFAULT_API_URL
-    #: Requests in flight at once.
+    #: Requests in flight at once (at least 2: creates leave one to status checks).
     concurrency: int = 8
     #: DigitalOcean's limits per token: 250 in any minute, 5,000 in any hour.
     per_minute: int = 250
@@ -149,5 +149,10 @@ class Settings:
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigurationError(f"{name} must be positive, got {value}")
+        if self.concurrency < 2:
+            raise ConfigurationError(
+                f"concurrency must be at least 2 (one request is kept for status checks), "
+                f"got {self.concurrency}"
+            )
         if not 0 <= self.reserve < 1:
             raise ConfigurationError(f"reserve is a fraction in [0, 1), got {self.reserve}")

@@ -245,7 +245,7 @@ async def test_list_follows_pages_by_count(harness: Harness) -> None:
 async def test_connection_refused_is_unreachable() -> None:
     """Nothing listening: creates are retried (nothing was sent), then ApiUnreachableError."""
     clock = LoopClock()
-    governor = Governor(clock, concurrency=1, windows=(Window(250, 60.0),))
+    governor = Governor(clock, concurrency=2, windows=(Window(250, 60.0),))
     config = settings_for("http://127.0.0.1:9", max_attempts=3)
     async with aiohttp.ClientSession() as session:
         client = ImagesClient(session, config, governor, clock)

@@ -123,7 +123,7 @@ async def test_429_with_retry_after_pauses_every_request() -> None:
 async def test_hourly_429_waits_until_reset() -> None:
     """A 429 with no retry-after and remaining 0 waits until ratelimit-reset."""
     clock = FakeClock()
-    governor = Governor(clock, concurrency=1, windows=(Window(250, 60.0),))
+    governor = Governor(clock, concurrency=2, windows=(Window(250, 60.0),))
     governor.observe(
         429, RateLimit(limit=5000, remaining=0, reset=clock.wall() + 120, retry_after=None)
     )
@@ -137,7 +137,7 @@ async def test_hourly_429_waits_until_reset() -> None:
 async def test_429_without_hints_backs_off_exponentially() -> None:
     """Repeated hintless 429s double the pause; a success resets it."""
     clock = FakeClock()
-    governor = Governor(clock, concurrency=1, windows=(Window(250, 60.0),), default_pause=2.0)
+    governor = Governor(clock, concurrency=2, windows=(Window(250, 60.0),), default_pause=2.0)
     pauses = []
     for _ in range(3):
         governor.observe(429, NO_HINT)
@@ -204,7 +204,7 @@ async def test_what_others_spend_comes_off_the_hour() -> None:
     """Headers showing 40 requests used by others leave 60 of 100 for us, until they expire."""
     clock = LoopClock()
     governor = Governor(
-        clock, concurrency=1, windows=(Window(100, 3600.0),), margin=0.0, status_share=0.0
+        clock, concurrency=2, windows=(Window(100, 3600.0),), margin=0.0, status_share=0.0
     )
     async with governor.slot():
         pass
@@ -215,3 +215,24 @@ async def test_what_others_spend_comes_off_the_hour() -> None:
             sent.append(clock.monotonic())
     assert sum(1 for t in sent if t < 3600) == 60
     assert max_in_any_window(sent, 3600.0) <= 100
+
+
+@pytest.mark.anyio
+async def test_a_request_cancelled_while_admitted_returns_its_slots() -> None:
+    """Cancellation at the moment a slot is taken never leaks it (else: a deadlock)."""
+    clock = LoopClock()
+    governor = Governor(clock, concurrency=2, windows=(Window(1000, 60.0),))
+    for _ in range(5):
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            async with governor.slot(Priority.CREATE):
+                pytest.fail("admitted inside a cancelled scope")
+    with anyio.fail_after(60):  # virtual: a leaked slot would make this wait forever
+        async with governor.slot(Priority.CREATE), governor.slot(Priority.STATUS):
+            pass
+
+
+def test_concurrency_below_two_is_refused() -> None:
+    """One slot is kept for status checks, so fewer than two make no sense."""
+    with pytest.raises(ValueError, match="at least 2"):
+        Governor(LoopClock(), concurrency=1, windows=(Window(10, 60.0),))

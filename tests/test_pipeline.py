@@ -81,7 +81,7 @@ async def test_failed_imports_are_reported_with_the_api_message() -> None:
 async def test_401_mid_run_stops_every_request() -> None:
     """After the first 401 nothing is sent; submitted images are pending, others not_submitted."""
     with capture_logs() as logs:
-        report, world = await run_against(image_urls(10), sim={"revoke_after": 6}, concurrency=1)
+        report, world = await run_against(image_urls(10), sim={"revoke_after": 6}, concurrency=2)
     assert report.stopped == "authentication_failed"
     sent_after_revocation = sum(world.request_counts.values()) - 6
     assert sent_after_revocation == 1  # the one request that was answered 401
@@ -155,7 +155,7 @@ async def test_wrong_token_from_the_start() -> None:
     """A refused token stops the run at the first answer; nothing is submitted."""
     async with run_simulator(SimulatorConfig.demo(token="the-right-one")) as simulator:
         report = await run_import(
-            manifest_of(*image_urls(5)), settings_for(simulator.base_url, concurrency=1)
+            manifest_of(*image_urls(5)), settings_for(simulator.base_url, concurrency=2)
         )
         received = sum(simulator.world.request_counts.values())
     assert report.stopped == "authentication_failed"
@@ -174,3 +174,17 @@ async def test_unreachable_api_stops_the_run() -> None:
     assert report.stopped == "api_unreachable"
     assert {r.outcome for r in report.images} == {Outcome.NOT_SUBMITTED}
     assert sum(entry["event"] == "request.retry" for entry in logs) >= 2
+
+
+@pytest.mark.anyio
+async def test_persistent_429s_leave_entries_to_submit_and_the_run_finishes() -> None:
+    """Out of 429 retries: those entries are `not_submitted` with the reason; no crash, a report."""
+    report, world = await run_against(
+        image_urls(6), sim={"per_minute": 2}, max_rate_limited=1, concurrency=4
+    )
+    outcomes = Counter(r.outcome for r in report.images)
+    assert outcomes[Outcome.NOT_SUBMITTED] >= 1
+    assert outcomes[Outcome.NOT_SUBMITTED] + outcomes[Outcome.AVAILABLE] == 6
+    assert all(r.error for r in report.images if r.outcome is Outcome.NOT_SUBMITTED)
+    assert report.stopped is None
+    assert world.rate_limited_count >= 1

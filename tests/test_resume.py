@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -208,3 +209,85 @@ async def test_stop_request_lets_creates_in_flight_finish(tmp_path: Path) -> Non
         for item in PLAN:
             row = journal.get(item.tag)
             assert row is None or row.phase is Phase.SUBMITTED
+
+
+def test_a_create_certainly_not_processed_leaves_no_trace(tmp_path: Path) -> None:
+    """`creating` then `not_sent` (a 429): no row is left to reconcile; an uncertain one stays."""
+    with Journal(tmp_path / "s.sqlite") as journal:
+        journal.creating("importer:a", "a", "nyc3", 1.0)
+        journal.not_sent("importer:a")
+        assert journal.get("importer:a") is None
+        journal.creating("importer:b", "b", "nyc3", 1.0)
+        journal.uncertain("importer:b", 2.0)
+        journal.creating("importer:b", "b", "nyc3", 3.0)
+        journal.not_sent("importer:b")
+        row = journal.get("importer:b")
+        assert row is not None
+        assert row.phase is Phase.CREATING
+        assert row.first_sent_at == 1.0
+
+
+@pytest.mark.anyio
+async def test_resumed_imports_do_not_hold_up_new_submissions(tmp_path: Path) -> None:
+    """Entries being polled after a resume leave the submission turns to new entries."""
+    state = tmp_path / "state.sqlite"
+    async with run_simulator(SimulatorConfig.demo()) as sim:
+        stuck = [
+            create_in_world(sim.world, i) for i in range(4)
+        ]  # resumed entries, importing for as long as the test lasts
+        for image_id in stuck:
+            sim.world.images[image_id].plan = replace(
+                sim.world.images[image_id].plan, pending_seconds=10_000.0
+            )
+        with Journal(state) as journal:
+            for i, image_id in enumerate(stuck):
+                journal.creating(PLAN[i].tag, f"img-{i}", "nyc3", 0.0)
+                journal.submitted(PLAN[i].tag, image_id, "NEW", sim.world.clock.wall())
+        settings = settings_for(sim.base_url, state_path=state, concurrency=2, image_timeout=600)
+        report = await run_import(MANIFEST, settings)
+    fresh = report.images[4:]
+    assert all(r.outcome is Outcome.AVAILABLE for r in fresh)
+    assert all(r.submitted_at is not None for r in fresh)
+    started = min(r.submitted_at for r in report.images if r.submitted_at is not None)
+    assert max(r.submitted_at for r in fresh if r.submitted_at) - started < 5.0
+
+
+@pytest.mark.anyio
+async def test_timeout_counts_from_the_original_submission(tmp_path: Path) -> None:
+    """An image submitted 50 minutes before the resume times out 10 minutes into it."""
+    state = tmp_path / "state.sqlite"
+    async with run_simulator(SimulatorConfig.demo()) as sim:
+        image_id = sim.world.create_image(
+            {**PLAN[0].create_request().body(), "url": "https://images.example.com/x-stuck-new.img"}
+        ).id
+        now = sim.world.clock.wall()
+        with Journal(state) as journal:
+            journal.creating(PLAN[0].tag, "img-0", "nyc3", now - 3000)
+            journal.submitted(PLAN[0].tag, image_id, "NEW", now - 3000)
+        start = sim.world.clock.monotonic()
+        report = await run_import(
+            manifest_of(image_urls(1)[0]), settings_for(sim.base_url, state_path=state)
+        )
+        took = sim.world.clock.monotonic() - start
+    assert report.images[0].outcome is Outcome.TIMED_OUT
+    assert took == pytest.approx(600.0, abs=5.0)
+
+
+@pytest.mark.anyio
+async def test_an_earlier_import_of_the_entry_is_neither_adopted_nor_deleted(
+    tmp_path: Path,
+) -> None:
+    """With a new state file, last month's image of the entry stays; this run makes its own."""
+    async with run_simulator(SimulatorConfig.demo(list_in_progress=True)) as sim:
+        old = create_in_world(sim.world, 0)
+        await anyio.sleep(30 * 24 * 3600)  # a month of virtual time
+        state = tmp_path / "new-state.sqlite"
+        with Journal(state) as journal:  # this run's create was sent, its answer lost
+            journal.creating(PLAN[0].tag, "img-0", "nyc3", sim.world.clock.wall())
+        report = await run_import(MANIFEST, settings_for(sim.base_url, state_path=state))
+        live = live_images_by_tag(sim.world)
+    result = report.images[0]
+    assert result.outcome is Outcome.AVAILABLE
+    assert result.image_id != old
+    assert result.duplicates_deleted == ()
+    assert live[PLAN[0].tag] == 2  # last month's and this run's
