@@ -315,13 +315,44 @@ async def measure_importer(images: int, *, seed: int = 0) -> Measurement:
             durations.append(available_at - image.created_at)
             detections.append(result.finished_at)
             lags.append(result.finished_at - available_at)
+    return _row(
+        "importer",
+        images,
+        world,
+        detections=detections,
+        lags=lags,
+        errors=errors,
+        started=started,
+        ran=ran,
+        cpu=cpu,
+        wall=wall,
+        capped=None,
+        lower_bound=lower_bound(durations, *request_limits(settings)) if durations else None,
+        durations=durations,
+        thread_jobs=_thread_jobs(loop) - jobs_before,
+    )
+
+
+def _row(
+    tool: str,
+    images: int,
+    world: World,
+    *,
+    detections: Sequence[float],
+    lags: Sequence[float],
+    errors: Counter[str],
+    started: float,
+    ran: float,
+    cpu: float,
+    wall: float,
+    **rest: Any,
+) -> Measurement:
+    """A tool's row: what its run detected, and what the simulator saw of it."""
     return Measurement(
-        tool="importer",
+        tool=tool,
         images=images,
         available=len(detections),
-        capped=None,
         makespan=max(detections) - started if detections else None,
-        lower_bound=lower_bound(durations, *request_limits(settings)) if durations else None,
         ran=ran,
         requests=sum(world.request_counts.values()),
         rate_limited=world.rate_limited_count,
@@ -333,8 +364,7 @@ async def measure_importer(images: int, *, seed: int = 0) -> Measurement:
         wall_seconds=wall,
         errors=dict(errors),
         requests_by_route=dict(world.request_counts),
-        durations=durations,
-        thread_jobs=_thread_jobs(loop) - jobs_before,
+        **rest,
     )
 
 
@@ -407,24 +437,19 @@ async def measure_baseline(
                 result.error or ("unfinished" if not result.finished else str(result.status))
             ] += 1
     unfinished = any(not result.finished for result in naive.results.values())
-    return Measurement(
-        tool="pydo",
-        images=images,
-        available=len(detections),
-        capped=capped if unfinished else None,
-        makespan=max(detections) - started if detections else None,
-        lower_bound=bound,
+    return _row(
+        "pydo",
+        images,
+        world,
+        detections=detections,
+        lags=lags,
+        errors=errors,
+        started=started,
         ran=ran,
-        requests=sum(world.request_counts.values()),
-        rate_limited=world.rate_limited_count,
-        lag_p50=percentile(lags, 50),
-        lag_p95=percentile(lags, 95),
-        cpu_seconds=cpu - world.cpu_seconds,
-        simulator_cpu_seconds=world.cpu_seconds,
-        peak_rss_mb=_peak_rss_mb(),
-        wall_seconds=wall,
-        errors=dict(errors),
-        requests_by_route=dict(world.request_counts),
+        cpu=cpu,
+        wall=wall,
+        capped=capped if unfinished else None,
+        lower_bound=bound,
         thread_jobs=_thread_jobs(loop) - jobs_before,
     )
 
