@@ -19,12 +19,10 @@ tag before it sends another create (see :meth:`Importer._reconcile`).
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
 
 import aiohttp
 import anyio
@@ -39,7 +37,6 @@ from importer.errors import (
     AuthenticationError,
     RateLimitedError,
     RejectedError,
-    TransientApiError,
     UncertainCreateError,
 )
 from importer.governor import Governor, Window
@@ -47,6 +44,7 @@ from importer.journal import MEMORY, EntryState, Journal, Phase
 from importer.manifest import Manifest
 from importer.plan import PlannedImport, make_plan
 from importer.poller import StatusPoller
+from importer.reconcile import Reconciler
 from importer.redact import redact_text
 from importer.report import ImageResult, Outcome, Report
 from importer.settings import Settings
@@ -124,6 +122,15 @@ class Importer:
             )
             for item in self._plan
         }
+        self._reconciler = Reconciler(
+            client,
+            journal,
+            poller,
+            clock,
+            window=settings.reconcile_after,
+            interval=settings.poll_interval,
+            importing_group=self._importing_group,
+        )
         self._scope: anyio.CancelScope | None = None
         #: Entries whose create's outcome is being found out.
         self._unsure: set[int] = set()
@@ -187,7 +194,7 @@ class Importer:
                 return
             image_id, fresh = submitted
             final = await self._wait_for(item, image_id, fresh, log)
-            if self._was_uncertain(item):
+            if self._journal_uncertain(item) > 0:
                 # Whatever the outcome, the entry must not end with a second live image.
                 await self._remove_duplicates(item, keep=image_id, log=log)
             if final is None:
@@ -252,7 +259,8 @@ class Importer:
             if uncertain:
                 turn.done()  # reconciling may take long; let the next entry go
                 self._unsure.add(item.index)
-                found = await self._reconcile(item, log)
+                found = await self._reconciler.find(item, log)
+                self._update(item, duplicates_deleted=self._journal_duplicates(item))
                 self._unsure.discard(item.index)
                 if found is not None:
                     return self._submitted(item, found, log, adopted=True), False
@@ -294,6 +302,10 @@ class Importer:
         state = self._journal.get(item.tag)
         return state.uncertain if state is not None else 0
 
+    def _journal_duplicates(self, item: PlannedImport) -> tuple[int, ...]:
+        state = self._journal.get(item.tag)
+        return state.duplicates if state is not None else ()
+
     def _submitted(self, item: PlannedImport, image: Image, log: Log, *, adopted: bool) -> int:
         now = self._clock.wall()
         self._journal.submitted(item.tag, image.id, image.status, now)
@@ -301,102 +313,16 @@ class Importer:
         log.info("image.adopted" if adopted else "image.submitted", image_id=image.id, tag=item.tag)
         return image.id
 
-    async def _reconcile(self, item: PlannedImport, log: Log) -> Image | None:
-        """The image an uncertain create made, or ``None`` once it surely does not exist.
-
-        Images are found by the entry's tag. An image still importing may be
-        missing from listings (DigitalOcean does not say), so "not listed" proves
-        absence only once listings are known to show importing images, or once
-        ``reconcile_window`` has passed: by then any image the lost create made
-        has finished, and is listed if it lives (failed images drop out of
-        listings, and a failed image is no duplicate).
-        """
-        give_up_at = self._clock.monotonic() + self._settings.reconcile_after
-        while True:
-            try:
-                images = await self._ours(item)
-            except (TransientApiError, RateLimitedError) as exc:
-                # Not knowing is no proof of absence: ask again, however long it takes.
-                log.warning("image.reconcile_failed", error=_message(exc))
-                await self._clock.sleep(self._settings.poll_interval)
-                continue
-            self._poller.learn(images)
-            live = [image for image in images if not image.has_failed]
-            if live:
-                keep = min(live, key=lambda i: (not i.is_available, i.id))
-                await self._remove_duplicates(item, keep=keep.id, log=log, live=live)
-                return keep
-            if self._poller.lists_in_progress or await self._probe_listing():
-                log.info("image.absent", tag=item.tag)
-                return None
-            if self._clock.monotonic() >= give_up_at:
-                log.info("image.absent", tag=item.tag, waited=self._settings.reconcile_after)
-                return None
-            log.info("image.reconciling", tag=item.tag)
-            await self._clock.sleep(self._settings.poll_interval)
-
-    async def _ours(self, item: PlannedImport) -> list[Image]:
-        """The images carrying the entry's tag that this entry's creates may have made.
-
-        An earlier import of the same entry (with another state file) carries the
-        same tag; it was created before this entry's first create left, and is
-        neither adopted nor deleted.
-        """
-        images = await self._client.list(tag_name=item.tag)
-        state = self._journal.get(item.tag)
-        if state is None or state.first_sent_at is None:
-            return images
-        # Allow for clocks that disagree, ours and DigitalOcean's.
-        since = state.first_sent_at - CLOCK_SKEW
-        return [image for image in images if _created(image) >= since]
-
-    async def _probe_listing(self) -> bool:
-        """Whether listings show importing images, asked of a group known to be importing."""
+    def _importing_group(self) -> str | None:
         for item in self._plan:
             result = self._progress[item.index].result
             if result.image_id is not None and result.status in ("NEW", "pending"):
-                self._poller.learn(await self._client.list(tag_name=item.group))
-                break
-        return self._poller.lists_in_progress
+                return item.group
+        return None
 
-    def _was_uncertain(self, item: PlannedImport) -> bool:
-        state = self._journal.get(item.tag)
-        return state is not None and state.uncertain > 0
-
-    async def _remove_duplicates(
-        self, item: PlannedImport, *, keep: int, log: Log, live: Sequence[Image] | None = None
-    ) -> None:
-        """After an uncertain create, make sure the entry ends with one image at most.
-
-        A failure here is logged, never the image's outcome: the image is what it is.
-        """
-        try:
-            if live is None:
-                live = [image for image in await self._ours(item) if not image.has_failed]
-            await self._delete_extras(item, live, keep, log)
-        except (AuthenticationError, ApiUnreachableError):
-            raise
-        except ApiError as exc:
-            log.error("image.duplicate_check_failed", error=_message(exc))
-
-    async def _delete_extras(
-        self, item: PlannedImport, live: Sequence[Image], keep: int, log: Log
-    ) -> None:
-        extras = tuple(sorted(image.id for image in live if image.id != keep))
-        if not extras:
-            return
-        for image_id in extras:
-            log.warning("image.duplicate", image_id=image_id, kept=keep)
-            try:
-                await self._client.delete(image_id)
-            except RejectedError as exc:
-                if exc.status != 404:  # already gone is what we wanted
-                    raise
-        known = self._progress[item.index].result.duplicates_deleted
-        deleted = tuple(sorted({*known, *extras}))
-        self._journal.duplicates(item.tag, deleted, self._clock.wall())
+    async def _remove_duplicates(self, item: PlannedImport, *, keep: int, log: Log) -> None:
+        deleted = await self._reconciler.remove_duplicates(item, keep=keep, log=log)
         self._update(item, duplicates_deleted=deleted)
-        log.warning("image.duplicates_deleted", image_ids=list(extras), kept=keep)
 
     # -- watching -------------------------------------------------------------------
 
@@ -544,17 +470,3 @@ async def run_import(
 
 def _message(exc: ApiError) -> str:
     return redact_text(exc.api_message)
-
-
-#: How far DigitalOcean's clock may be from ours when comparing creation times.
-CLOCK_SKEW = 300.0
-
-
-def _created(image: Image) -> float:
-    """When the API says the image was created (Unix time); +inf when it does not say."""
-    if not image.created_at:
-        return math.inf
-    try:
-        return datetime.fromisoformat(image.created_at.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return math.inf
