@@ -120,8 +120,8 @@ class ImagesClient:
 
         ``on_send`` runs right before each attempt leaves, once the governor has
         admitted it: the moment from which the image may exist. ``on_not_sent``
-        runs when an attempt was certainly not processed (a 429, or a connection
-        that never opened), before it is retried.
+        runs when an attempt was certainly not processed (a 429, a 401, or a
+        connection that never opened).
         """
         envelope: ImageEnvelope = await self._call(
             ImageEnvelope,
@@ -249,7 +249,8 @@ class ImagesClient:
                             on_send,
                             priority,
                         )
-                    except (RateLimitedError, _NotSent):
+                    except (RateLimitedError, AuthenticationError, _NotSent):
+                        # Refused or never delivered: certainly not processed.
                         if on_not_sent is not None:
                             on_not_sent()
                         raise

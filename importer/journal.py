@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS entries (
     tag           TEXT PRIMARY KEY,
     name          TEXT NOT NULL,
     region        TEXT NOT NULL,
+    group_tag     TEXT,
     phase         TEXT NOT NULL,
     image_id      INTEGER,
     status        TEXT,
@@ -70,6 +71,9 @@ class EntryState:
     tag: str
     name: str
     region: str
+    #: The group tag the entry's creates carried (group membership can shift
+    #: between runs when the manifest grows; the image keeps its tag).
+    group: str | None
     phase: Phase
     image_id: int | None
     status: str | None
@@ -128,7 +132,8 @@ class Journal:
 
     def get(self, tag: str) -> EntryState | None:
         row = self._db.execute(
-            "SELECT tag, name, region, phase, image_id, status, outcome, error, creates_sent,"
+            "SELECT tag, name, region, group_tag, phase, image_id, status, outcome, error,"
+            " creates_sent,"
             " uncertain, duplicates, first_sent_at, submitted_at, finished_at"
             " FROM entries WHERE tag = ?",
             (tag,),
@@ -139,31 +144,35 @@ class Journal:
             tag=row[0],
             name=row[1],
             region=row[2],
-            phase=Phase(row[3]),
-            image_id=row[4],
-            status=row[5],
-            outcome=row[6],
-            error=row[7],
-            creates_sent=row[8],
-            uncertain=row[9],
-            duplicates=tuple(json.loads(row[10])),
-            first_sent_at=row[11],
-            submitted_at=row[12],
-            finished_at=row[13],
+            group=row[3],
+            phase=Phase(row[4]),
+            image_id=row[5],
+            status=row[6],
+            outcome=row[7],
+            error=row[8],
+            creates_sent=row[9],
+            uncertain=row[10],
+            duplicates=tuple(json.loads(row[11])),
+            first_sent_at=row[12],
+            submitted_at=row[13],
+            finished_at=row[14],
         )
 
     # -- writing --------------------------------------------------------------------
 
-    def creating(self, tag: str, name: str, region: str, now: float) -> None:
+    def creating(
+        self, tag: str, name: str, region: str, now: float, group: str | None = None
+    ) -> None:
         """A create for ``tag`` is about to leave: from here on it may exist."""
         self._db.execute(
-            "INSERT INTO entries(tag, name, region, phase, creates_sent, first_sent_at, updated_at)"
-            " VALUES (?, ?, ?, 'creating', 1, ?, ?)"
+            "INSERT INTO entries(tag, name, region, group_tag, phase, creates_sent,"
+            " first_sent_at, updated_at) VALUES (?, ?, ?, ?, 'creating', 1, ?, ?)"
             " ON CONFLICT(tag) DO UPDATE SET phase='creating', image_id=NULL, status=NULL,"
             " outcome=NULL, error=NULL, creates_sent=creates_sent+1,"
+            " group_tag=COALESCE(excluded.group_tag, group_tag),"
             " first_sent_at=COALESCE(first_sent_at, excluded.first_sent_at),"
             " updated_at=excluded.updated_at",
-            (tag, name, region, now, now),
+            (tag, name, region, group, now, now),
         )
 
     def not_sent(self, tag: str) -> None:
@@ -174,6 +183,11 @@ class Journal:
         """
         self._db.execute(
             "DELETE FROM entries WHERE tag=? AND phase='creating' AND uncertain=0",
+            (tag,),
+        )
+        # Else an earlier create is still unaccounted for; this one is not.
+        self._db.execute(
+            "UPDATE entries SET creates_sent=creates_sent-1 WHERE tag=? AND creates_sent>0",
             (tag,),
         )
 

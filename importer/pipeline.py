@@ -37,12 +37,13 @@ from importer.errors import (
     AuthenticationError,
     RateLimitedError,
     RejectedError,
+    TransientApiError,
     UncertainCreateError,
 )
 from importer.governor import Governor, Window
 from importer.journal import MEMORY, EntryState, Journal, Phase
 from importer.manifest import Manifest
-from importer.plan import PlannedImport, make_plan
+from importer.plan import GROUP_TAG_PREFIX, PlannedImport, make_plan
 from importer.poller import StatusPoller
 from importer.reconcile import Reconciler
 from importer.redact import redact_text
@@ -74,8 +75,8 @@ class Stopper:
 class _Turn:
     """One entry's turn to submit, handed back exactly once."""
 
-    def __init__(self, semaphore: anyio.Semaphore) -> None:
-        self._semaphore: anyio.Semaphore | None = semaphore
+    def __init__(self, semaphore: anyio.Semaphore | None) -> None:
+        self._semaphore = semaphore
 
     def done(self) -> None:
         if self._semaphore is not None:
@@ -132,8 +133,6 @@ class Importer:
             importing_group=self._importing_group,
         )
         self._scope: anyio.CancelScope | None = None
-        #: Entries whose create's outcome is being found out.
-        self._unsure: set[int] = set()
         self.stopped: str | None = None
 
     # -- running ------------------------------------------------------------------
@@ -152,7 +151,15 @@ class Importer:
                 # tasks queued inside the client would cost memory and nothing else.
                 turns = anyio.Semaphore(self._settings.concurrency)
                 async with anyio.create_task_group() as images:
+                    # Entries an earlier run submitted or finished need no turn.
+                    to_submit = []
                     for item in self._plan:
+                        state = self._journal.get(item.tag)
+                        if state is not None and state.phase in (Phase.SUBMITTED, Phase.FINISHED):
+                            images.start_soon(self._import_one, item, _Turn(None))
+                        else:
+                            to_submit.append(item)
+                    for item in to_submit:
                         await turns.acquire()
                         images.start_soon(self._import_one, item, _Turn(turns))
             outer.cancel_scope.cancel()
@@ -192,11 +199,12 @@ class Importer:
             submitted = await self._ensure_submitted(item, state, log, turn)
             if submitted is None:
                 return
-            image_id, fresh = submitted
-            final = await self._wait_for(item, image_id, fresh, log)
+            image_id, fresh, group = submitted
+            final = await self._wait_for(item, image_id, fresh, group, log)
             if self._journal_uncertain(item) > 0:
                 # Whatever the outcome, the entry must not end with a second live image.
-                await self._remove_duplicates(item, keep=image_id, log=log)
+                deleted = await self._reconciler.sweep(item, keep=image_id, log=log)
+                self._update(item, duplicates_deleted=deleted)
             if final is None:
                 self._finish(item, Outcome.TIMED_OUT, error="timed out waiting for the import")
                 log.warning(
@@ -215,7 +223,7 @@ class Importer:
             log.warning("image.failed", error=_message(exc))
 
     async def _wait_for(
-        self, item: PlannedImport, image_id: int, fresh: bool, log: Log
+        self, item: PlannedImport, image_id: int, fresh: bool, group: str, log: Log
     ) -> Image | None:
         """The image once it finished, or ``None`` at its timeout (counted from submission)."""
         submitted_at = self._progress[item.index].result.submitted_at
@@ -224,23 +232,30 @@ class Importer:
             return await self._poller.wait(
                 image_id,
                 lambda i: self._saw(item, i, log),
-                group=item.group,
+                group=group,
                 size=item.size,
                 submitted_at=submitted_at,
                 fresh=fresh,
             )
-        return None
+        # Time is up (perhaps between runs): one last look, so that an import that
+        # finished or failed meanwhile is reported as what it is.
+        try:
+            image = await self._client.get(image_id)
+        except (TransientApiError, RateLimitedError):
+            return None
+        self._saw(item, image, log)
+        return image if image.is_available or image.has_failed else None
 
     # -- submitting, without ever making a duplicate --------------------------------
 
     async def _ensure_submitted(
         self, item: PlannedImport, state: EntryState | None, log: Log, turn: _Turn
-    ) -> tuple[int, bool] | None:
+    ) -> tuple[int, bool, str] | None:
         """The entry's image id, creating the image if (and only if) it does not exist.
 
-        Also says whether this run created it just now. ``turn`` is handed back
-        once the first create has an answer (or none is needed), so that the
-        next entry may start.
+        Also says whether this run created it just now, and the group tag the
+        image carries. ``turn`` is handed back once the first create has an
+        answer (or none is needed), so that the next entry may start.
         """
         if state is not None and state.phase is Phase.SUBMITTED and state.image_id is not None:
             turn.done()
@@ -248,22 +263,23 @@ class Importer:
                 item, image_id=state.image_id, status=state.status, submitted_at=state.submitted_at
             )
             log.info("image.resumed", image_id=state.image_id, status=state.status)
-            return state.image_id, False
+            return state.image_id, False, state.group or item.group
         uncertain = state is not None and state.phase is Phase.CREATING
-        if uncertain:
-            # A previous run sent a create and never learned its outcome (it may
-            # have been killed before counting it uncertain): count it now.
+        if state is not None and uncertain and state.uncertain < state.creates_sent:
+            # A previous run sent a create and was stopped (or killed) before it
+            # learned the outcome: count that create as uncertain, once.
             self._journal.uncertain(item.tag, self._clock.wall())
         creates = self._journal_uncertain(item)
         while True:
             if uncertain:
                 turn.done()  # reconciling may take long; let the next entry go
-                self._unsure.add(item.index)
                 found = await self._reconciler.find(item, log)
                 self._update(item, duplicates_deleted=self._journal_duplicates(item))
-                self._unsure.discard(item.index)
                 if found is not None:
-                    return self._submitted(item, found, log, adopted=True), False
+                    group = next(
+                        (t for t in found.tags or () if t.startswith(GROUP_TAG_PREFIX)), item.group
+                    )
+                    return self._submitted(item, found, log, adopted=True), False, group
             if creates >= self._settings.max_creates:
                 error = f"gave up after {creates} creates whose outcome stayed unknown"
                 self._finish(item, Outcome.FAILED, error=error)
@@ -274,7 +290,11 @@ class Importer:
                 image = await self._client.create(
                     item.create_request(),
                     on_send=lambda: self._journal.creating(
-                        item.tag, item.entry.name, item.entry.region, self._clock.wall()
+                        item.tag,
+                        item.entry.name,
+                        item.entry.region,
+                        self._clock.wall(),
+                        group=item.group,
                     ),
                     on_not_sent=lambda: self._journal.not_sent(item.tag),
                 )
@@ -296,7 +316,7 @@ class Importer:
                 uncertain = True
                 continue
             turn.done()
-            return self._submitted(item, image, log, adopted=False), True
+            return self._submitted(item, image, log, adopted=False), True, item.group
 
     def _journal_uncertain(self, item: PlannedImport) -> int:
         state = self._journal.get(item.tag)
@@ -319,10 +339,6 @@ class Importer:
             if result.image_id is not None and result.status in ("NEW", "pending"):
                 return item.group
         return None
-
-    async def _remove_duplicates(self, item: PlannedImport, *, keep: int, log: Log) -> None:
-        deleted = await self._reconciler.remove_duplicates(item, keep=keep, log=log)
-        self._update(item, duplicates_deleted=deleted)
 
     # -- watching -------------------------------------------------------------------
 
@@ -376,12 +392,25 @@ class Importer:
         progress.done = True
 
     def _finish_unfinished(self) -> None:
-        for index, progress in self._progress.items():
+        """What a stopped run reports of the entries it did not finish: the journal's word."""
+        for item in self._plan:
+            progress = self._progress[item.index]
             if progress.done:
                 continue
-            if progress.result.image_id is not None:
-                progress.result = replace(progress.result, outcome=Outcome.PENDING)
-            elif index in self._unsure:
+            state = self._journal.get(item.tag)
+            if state is None:
+                continue  # not_submitted, with the reason if there is one
+            if state.phase is Phase.FINISHED:
+                self._restore(item, state)
+            elif state.phase is Phase.SUBMITTED:
+                progress.result = replace(
+                    progress.result,
+                    outcome=Outcome.PENDING,
+                    image_id=state.image_id,
+                    status=state.status,
+                    submitted_at=state.submitted_at,
+                )
+            else:
                 error = "the create's outcome is not known yet; a run with the same state finds out"
                 progress.result = replace(progress.result, outcome=Outcome.PENDING, error=error)
 

@@ -24,7 +24,7 @@ import heapq
 import itertools
 import math
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -37,6 +37,10 @@ from importer.clock import Clock
 from importer.errors import ApiError, RateLimitedError, RejectedError, TransientApiError
 from importer.governor import Priority
 
+#: Images asked for by id per group and listing, when unlisted may mean importing:
+#: this many, or this share of the group's unfinished images if more.
+DIRECT_PER_GROUP = 2
+DIRECT_SHARE = 0.05
 #: Called with each status seen, so the caller can record it.
 StatusCallback = Callable[[Image], None]
 GIB = 1024**3
@@ -141,7 +145,7 @@ class StatusPoller:
         self._interval = poll_interval
         # Every image is asked for by id once before its timeout, so that a failure
         # is reported as one (with its message), never as a timeout.
-        self._last_call = 0.9 * image_timeout
+        self._last_call = 0.8 * image_timeout
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._log = structlog.get_logger("importer.poller")
         self._watches: dict[int, _Watch] = {}
@@ -215,11 +219,22 @@ class StatusPoller:
             members = [
                 w for w in self._watches.values() if w.group in listed and not w.done.is_set()
             ]
+            asked: Counter[str] = Counter()
+            sizes = Counter(watch.group for watch in members)
             async with anyio.create_task_group() as tg:
-                for watch in members:
-                    if watch.listed_at < listed_from and self._should_ask_directly(watch, now):
-                        tg.start_soon(self._check_directly, watch)
-                        due_ids.discard(watch.image_id)
+                for watch in sorted(members, key=lambda w: w.submitted):
+                    if watch.listed_at >= listed_from or not self._should_ask_directly(watch, now):
+                        continue
+                    capped = not (self.lists_in_progress or self._last_call_due(watch, now))
+                    cap = max(DIRECT_PER_GROUP, math.ceil(DIRECT_SHARE * sizes[watch.group]))
+                    if capped and asked[watch.group] >= cap:
+                        # Unlisted may just mean importing: ask the oldest few first,
+                        # not a whole group at once; the others at a later listing.
+                        watch.next_direct = now + self._interval
+                        continue
+                    asked[watch.group] += 1
+                    tg.start_soon(self._check_directly, watch)
+                    due_ids.discard(watch.image_id)
                 for watch in due:
                     if watch.image_id in due_ids and not watch.done.is_set():
                         # Never before its group's next listing (set by the check above).
@@ -330,7 +345,7 @@ class StatusPoller:
         """Whether only a ``GET`` by id can tell what became of this image."""
         if now < watch.next_direct:
             return False
-        if watch.directs == 0 and now >= watch.submitted + self._last_call:
+        if self._last_call_due(watch, now):
             return True
         if self.lists_in_progress:
             # Listings show every live image: one missing from its group has failed.
@@ -339,6 +354,9 @@ class StatusPoller:
         if self.model.ready:
             return elapsed > 2 * self.model.late(watch.size) + self._interval
         return elapsed > 8 * self._first_poll
+
+    def _last_call_due(self, watch: _Watch, now: float) -> bool:
+        return watch.directs == 0 and now >= watch.submitted + self._last_call
 
     def _first_check(self, watch: _Watch, now: float) -> float:
         if self.model.ready:

@@ -22,9 +22,7 @@ from importer.errors import (
     ApiError,
     ApiUnreachableError,
     AuthenticationError,
-    RateLimitedError,
     RejectedError,
-    TransientApiError,
 )
 from importer.journal import Journal
 from importer.plan import PlannedImport
@@ -58,6 +56,8 @@ class Reconciler:
         self._interval = interval
         # A group tag with an image known to be importing, to learn from.
         self._importing_group = importing_group
+        # One probe per interval serves every entry being reconciled.
+        self._probed_at = -math.inf
 
     async def find(self, item: PlannedImport, log: Log) -> Image | None:
         """The image an uncertain create made, or ``None`` once it surely does not exist.
@@ -70,51 +70,63 @@ class Reconciler:
         prove nothing: it asks again, however long the API takes to answer.
         """
         give_up_at = self._clock.monotonic() + self._window
+        delay = self._interval
         while True:
             try:
                 images = await self._ours(item)
-            except (TransientApiError, RateLimitedError) as exc:
+                self._poller.learn(images)
+                live = [image for image in images if not image.has_failed]
+                if live:
+                    keep = min(live, key=lambda i: (not i.is_available, i.id))
+                    await self.remove_duplicates(item, keep=keep.id, log=log, live=live)
+                    return keep
+                if self._poller.lists_in_progress or await self._probe_listing():
+                    log.info("image.absent", tag=item.tag)
+                    return None
+            except (AuthenticationError, ApiUnreachableError):
+                raise
+            except ApiError as exc:
+                # An error proves nothing either way: ask again.
                 log.warning("image.reconcile_failed", error=redact_text(exc.api_message))
-                await self._clock.sleep(self._interval)
-                continue
-            self._poller.learn(images)
-            live = [image for image in images if not image.has_failed]
-            if live:
-                keep = min(live, key=lambda i: (not i.is_available, i.id))
-                await self.remove_duplicates(item, keep=keep.id, log=log, live=live)
-                return keep
-            if self._poller.lists_in_progress or await self._probe_listing():
-                log.info("image.absent", tag=item.tag)
-                return None
-            if self._clock.monotonic() >= give_up_at:
-                log.info("image.absent", tag=item.tag, waited=self._window)
-                return None
-            log.info("image.reconciling", tag=item.tag)
+            else:
+                if self._clock.monotonic() >= give_up_at:
+                    log.info("image.absent", tag=item.tag, waited=self._window)
+                    return None
+                log.info("image.reconciling", tag=item.tag)
+            await self._clock.sleep(delay)
+            # The answer may be an hour away: ask less often as time goes by.
+            delay = min(delay * 1.5, 8 * self._interval)
+
+    async def sweep(self, item: PlannedImport, *, keep: int, log: Log) -> tuple[int, ...]:
+        """After an uncertain create, leave the entry with no live image but ``keep``.
+
+        Asks until the API answers: an entry must not be finished with a duplicate
+        left behind. (A stop cancels the wait; the entry stays unfinished in the
+        journal, and the next run sweeps.)
+        """
+        while True:
+            try:
+                return await self.remove_duplicates(item, keep=keep, log=log)
+            except (AuthenticationError, ApiUnreachableError):
+                raise
+            except ApiError as exc:
+                log.warning("image.duplicate_check_failed", error=redact_text(exc.api_message))
             await self._clock.sleep(self._interval)
 
     async def remove_duplicates(
         self, item: PlannedImport, *, keep: int, log: Log, live: Sequence[Image] | None = None
     ) -> tuple[int, ...]:
-        """Delete the entry's live images other than ``keep``; all deleted so far.
-
-        A failure here is logged, never the image's outcome: the image is what it is.
-        """
-        try:
-            if live is None:
-                live = [image for image in await self._ours(item) if not image.has_failed]
-            extras = tuple(sorted(image.id for image in live if image.id != keep))
-            for image_id in extras:
-                log.warning("image.duplicate", image_id=image_id, kept=keep)
-                try:
-                    await self._client.delete(image_id)
-                except RejectedError as exc:
-                    if exc.status != 404:  # already gone is what we wanted
-                        raise
-        except (AuthenticationError, ApiUnreachableError):
-            raise
-        except ApiError as exc:
-            log.error("image.duplicate_check_failed", error=redact_text(exc.api_message))
-            extras = ()
+        """Delete the entry's live images other than ``keep``; all deleted so far."""
+        if live is None:
+            live = [image for image in await self._ours(item) if not image.has_failed]
+        extras = tuple(sorted(image.id for image in live if image.id != keep))
+        for image_id in extras:
+            log.warning("image.duplicate", image_id=image_id, kept=keep)
+            try:
+                await self._client.delete(image_id)
+            except RejectedError as exc:
+                if exc.status != 404:  # already gone is what we wanted
+                    raise
         state = self._journal.get(item.tag)
         known = state.duplicates if state is not None else ()
         if not extras:
@@ -140,8 +152,10 @@ class Reconciler:
 
     async def _probe_listing(self) -> bool:
         """Whether listings show importing images, asked of a group known to be importing."""
+        now = self._clock.monotonic()
         group = self._importing_group()
-        if group is not None:
+        if group is not None and now - self._probed_at >= self._interval:
+            self._probed_at = now
             self._poller.learn(await self._client.list(tag_name=group))
         return self._poller.lists_in_progress
 
