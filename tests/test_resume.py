@@ -291,3 +291,44 @@ async def test_an_earlier_import_of_the_entry_is_neither_adopted_nor_deleted(
     assert result.image_id != old
     assert result.duplicates_deleted == ()
     assert live[PLAN[0].tag] == 2  # last month's and this run's
+
+
+@pytest.mark.anyio
+async def test_an_image_that_finished_after_its_timeout_between_runs_counts(
+    tmp_path: Path,
+) -> None:
+    """Resumed after its timeout passed, an image that became available is reported available."""
+    state = tmp_path / "state.sqlite"
+    async with run_simulator(SimulatorConfig.demo()) as sim:
+        image_id = create_in_world(sim.world, 0)
+        await anyio.sleep(7200)  # two hours pass between the runs
+        with Journal(state) as journal:
+            journal.creating(PLAN[0].tag, "img-0", "nyc3", sim.world.clock.wall() - 7200)
+            journal.submitted(PLAN[0].tag, image_id, "NEW", sim.world.clock.wall() - 7200)
+        report = await run_import(
+            manifest_of(image_urls(1)[0]), settings_for(sim.base_url, state_path=state)
+        )
+    assert report.images[0].outcome is Outcome.AVAILABLE
+    assert report.images[0].image_id == image_id
+
+
+@pytest.mark.anyio
+async def test_a_stop_while_reconciling_reports_pending_and_counts_the_create_once(
+    tmp_path: Path,
+) -> None:
+    """Stopped mid-reconciliation twice: `pending` each time, the create counted uncertain once."""
+    state = tmp_path / "state.sqlite"
+    with Journal(state) as journal:
+        journal.creating(PLAN[0].tag, "img-0", "nyc3", 0.0)
+    async with run_simulator(SimulatorConfig.demo()) as sim:
+        for _ in range(2):
+            settings = settings_for(sim.base_url, state_path=state, deadline=30)
+            report = await run_import(manifest_of(image_urls(1)[0]), settings)
+            assert report.stopped == "deadline"
+            assert report.images[0].outcome is Outcome.PENDING
+            assert report.images[0].error
+    with Journal(state) as journal:
+        row = journal.get(PLAN[0].tag)
+    assert row is not None
+    assert row.phase is Phase.CREATING
+    assert row.uncertain == 1
