@@ -100,8 +100,6 @@ class ImagesClient:
         self._log = structlog.get_logger("importer.client")
         #: Requests actually sent, by ``"METHOD /path-template"``.
         self.sent: Counter[str] = Counter()
-        #: The rate-limit headers of the latest answer.
-        self.last_rate_limit: RateLimit | None = None
 
     @property
     def requests_sent(self) -> int:
@@ -307,7 +305,6 @@ class ImagesClient:
                 if idempotent:
                     raise TransientApiError(message, **context) from None
                 raise UncertainCreateError(message, **context) from None
-            self.last_rate_limit = rate
             self._governor.observe(status, rate)
         return self._interpret(model, status, raw, idempotent, context)
 

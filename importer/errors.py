@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from importer.redact import redact_text
+
 
 class ImporterError(Exception):
     """Base of every error the importer raises on purpose."""
@@ -90,6 +92,11 @@ class ApiError(ImporterError):
         code = f" {status}" if status is not None else ""
         ident = f" ({error_id})" if error_id else ""
         super().__init__(f"{where} failed{code}{ident}: {message}")
+
+    @property
+    def safe_message(self) -> str:
+        """The API's message with URL query strings redacted, fit for logs and reports."""
+        return redact_text(self.api_message)
 
 
 class AuthenticationError(ApiError):

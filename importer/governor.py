@@ -312,8 +312,3 @@ class Governor:
             return min(max(0.0, rate.reset - self._clock.wall()), self._max_pause)
         # No hint: back off exponentially on repeated 429s.
         return min(self._default_pause * 2.0 ** (self._consecutive_429 - 1), self._max_pause)
-
-    def window_counts(self) -> list[int]:
-        """Our requests in each window right now (for progress and tests)."""
-        now = self._clock.monotonic()
-        return [log.count(now) for log in self._logs]

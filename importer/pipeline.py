@@ -219,8 +219,8 @@ class Importer:
         except ApiError as exc:
             # Polling gave up on this image (e.g. it vanished), or an answer no rule
             # foresaw: this image's failure, not the run's.
-            self._finish(item, Outcome.FAILED, error=_message(exc))
-            log.warning("image.failed", error=_message(exc))
+            self._finish(item, Outcome.FAILED, error=exc.safe_message)
+            log.warning("image.failed", error=exc.safe_message)
 
     async def _wait_for(
         self, item: PlannedImport, image_id: int, fresh: bool, group: str, log: Log
@@ -301,18 +301,18 @@ class Importer:
             except RateLimitedError as exc:
                 # Never processed, so never created: the entry stays to be submitted.
                 turn.done()
-                self._update(item, error=_message(exc))
-                log.warning("image.not_submitted", error=_message(exc))
+                self._update(item, error=exc.safe_message)
+                log.warning("image.not_submitted", error=exc.safe_message)
                 return None
             except RejectedError as exc:
                 turn.done()
-                self._finish(item, Outcome.REJECTED, error=_message(exc))
-                log.warning("image.rejected", status=exc.status, error=_message(exc))
+                self._finish(item, Outcome.REJECTED, error=exc.safe_message)
+                log.warning("image.rejected", status=exc.status, error=exc.safe_message)
                 return None
             except UncertainCreateError as exc:
                 turn.done()
                 self._journal.uncertain(item.tag, self._clock.wall())
-                log.warning("image.uncertain", error=_message(exc), creates=creates)
+                log.warning("image.uncertain", error=exc.safe_message, creates=creates)
                 uncertain = True
                 continue
             turn.done()
@@ -359,7 +359,7 @@ class Importer:
 
     def _fail_run(self, item: PlannedImport, reason: str, exc: ApiError) -> None:
         self._log.error(f"run.{reason}", error=str(exc))
-        self._update(item, error=_message(exc))
+        self._update(item, error=exc.safe_message)
         self.stop(reason)
 
     # -- bookkeeping --------------------------------------------------------------
@@ -495,7 +495,3 @@ async def run_import(
         stopped=importer.stopped,
         requests_by_endpoint=dict(client.sent),
     )
-
-
-def _message(exc: ApiError) -> str:
-    return redact_text(exc.api_message)

@@ -27,7 +27,6 @@ from importer.errors import (
 from importer.journal import Journal
 from importer.plan import PlannedImport
 from importer.poller import StatusPoller
-from importer.redact import redact_text
 
 Log = structlog.typing.FilteringBoundLogger
 #: How far DigitalOcean's clock may be from ours when comparing creation times.
@@ -87,7 +86,7 @@ class Reconciler:
                 raise
             except ApiError as exc:
                 # An error proves nothing either way: ask again.
-                log.warning("image.reconcile_failed", error=redact_text(exc.api_message))
+                log.warning("image.reconcile_failed", error=exc.safe_message)
             else:
                 if self._clock.monotonic() >= give_up_at:
                     log.info("image.absent", tag=item.tag, waited=self._window)
@@ -110,7 +109,7 @@ class Reconciler:
             except (AuthenticationError, ApiUnreachableError):
                 raise
             except ApiError as exc:
-                log.warning("image.duplicate_check_failed", error=redact_text(exc.api_message))
+                log.warning("image.duplicate_check_failed", error=exc.safe_message)
             await self._clock.sleep(self._interval)
 
     async def remove_duplicates(

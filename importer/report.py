@@ -6,7 +6,6 @@ import json
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -147,7 +146,3 @@ def write_json_atomic(path: Path, data: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def sort_results(results: Sequence[ImageResult]) -> tuple[ImageResult, ...]:
-    return tuple(sorted(results, key=lambda r: r.index))
