@@ -53,17 +53,6 @@ class ImageEnvelope(BaseModel):
     image: Image
 
 
-class Pages(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
-    next: str | None = None
-    last: str | None = None
-
-
-class Links(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
-    pages: Pages = Field(default_factory=Pages)
-
-
 class Meta(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
     total: int = 0
@@ -72,7 +61,6 @@ class Meta(BaseModel):
 class ImageList(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
     images: tuple[Image, ...]
-    links: Links = Field(default_factory=Links)
     meta: Meta = Field(default_factory=Meta)
 
 

@@ -209,8 +209,6 @@ class Governor:
         self._default_pause = default_pause
         self._max_pause = max_pause
         self._log = structlog.get_logger("importer.governor")
-        #: Requests admitted so far.
-        self.admitted = 0
         #: 429 answers observed.
         self.rate_limited = 0
 
@@ -242,7 +240,6 @@ class Governor:
                 return False
         for log in self._logs:
             log.record(now)
-        self.admitted += 1
         return True
 
     async def _sleep_unless_outranked(self, seconds: float, priority: Priority) -> bool:
