@@ -309,3 +309,8 @@ class Governor:
             return min(max(0.0, rate.reset - self._clock.wall()), self._max_pause)
         # No hint: back off exponentially on repeated 429s.
         return min(self._default_pause * 2.0 ** (self._consecutive_429 - 1), self._max_pause)
+
+    def charge(self, now: float) -> None:
+        """Count a request that left without asking: aiohttp resends some on its own."""
+        for log in self._logs:
+            log.record(now)

@@ -24,7 +24,6 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-import aiohttp
 import anyio
 import structlog
 
@@ -470,9 +469,7 @@ async def run_import(
     with contextlib.ExitStack() as stack:
         if journal is None:
             journal = stack.enter_context(Journal(settings.state_path or MEMORY))
-        connector = aiohttp.TCPConnector(limit=settings.concurrency)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            client = ImagesClient(session, settings, governor, clock, rng=rng)
+        async with ImagesClient.open(settings, governor, clock, rng=rng) as client:
             poller = StatusPoller(
                 client,
                 clock,
