@@ -132,6 +132,7 @@ class Importer:
             importing_group=self._importing_group,
         )
         self._scope: anyio.CancelScope | None = None
+        self._run_failures: set[str] = set()
         self.stopped: str | None = None
 
     # -- running ------------------------------------------------------------------
@@ -357,7 +358,10 @@ class Importer:
             log.warning("image.failed", image_id=image.id, status=image.status, error=error)
 
     def _fail_run(self, item: PlannedImport, reason: str, exc: ApiError) -> None:
-        self._log.error(f"run.{reason}", error=str(exc))
+        # Every image task that was waiting learns of the one event: it is logged once.
+        if reason not in self._run_failures:
+            self._run_failures.add(reason)
+            self._log.error(f"run.{reason}", error=str(exc))
         self._update(item, error=exc.safe_message)
         self.stop(reason)
 

@@ -202,6 +202,16 @@ async def test_unreachable_api_counts_no_requests() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_refused_token_is_logged_once() -> None:
+    """One 401 ends the run: run.authentication_failed is logged once, not once per image."""
+    async with run_simulator(SimulatorConfig.demo(token="the-right-one")) as simulator:
+        with capture_logs() as logs:
+            report = await run_import(manifest_of(*image_urls(5)), settings_for(simulator.base_url))
+    assert report.stopped == "authentication_failed"
+    assert [entry["event"] for entry in logs].count("run.authentication_failed") == 1
+
+
+@pytest.mark.anyio
 async def test_requests_resent_by_aiohttp_are_counted() -> None:
     """Dropped connections (aiohttp resends a GET once): the count is what the API served."""
     report, world = await run_against(image_urls(12), sim={"reset_rate": 0.3, "seed": 3})
