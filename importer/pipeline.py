@@ -228,7 +228,7 @@ class Importer:
         """The image once it finished, or ``None`` at its timeout (counted from submission)."""
         submitted_at = self._progress[item.index].result.submitted_at
         elapsed = self._clock.wall() - submitted_at if submitted_at is not None else 0.0
-        with anyio.move_on_after(max(0.0, self._settings.image_timeout - elapsed)):
+        with self._clock.move_on_after(max(0.0, self._settings.image_timeout - elapsed)):
             return await self._poller.wait(
                 image_id,
                 lambda i: self._saw(item, i, log),

@@ -247,7 +247,7 @@ class StatusPoller:
         delay = math.inf
         if self._queue:
             delay = self._queue[0][0] - self._clock.monotonic()
-        with anyio.move_on_after(delay):
+        with self._clock.move_on_after(delay):
             await self._changed.wait()
 
     def _pop_due(self) -> list[_Watch]:
