@@ -94,7 +94,10 @@ class _Sends:
     """How many times one attempt went out on the wire.
 
     aiohttp (3.10 and later) sends a GET or DELETE a second time, on its own, when
-    the connection breaks under it; the API counts each send against the budget.
+    the connection breaks under it (a dropped or reset connection; there is no
+    public switch to turn this off), and the API counts each send against the
+    budget. Its ``on_request_headers_sent`` trace fires for every send and for
+    nothing else: a connection that never opened has sent nothing.
     """
 
     __slots__ = ("count",)
