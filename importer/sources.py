@@ -127,17 +127,22 @@ class SourceProber:
         """Probe every entry and send each :class:`SourceInfo` as it is known; then close ``send``.
 
         Start it in the caller's task group and read the other end of the stream, or use
-        :meth:`stream` or :meth:`probe_all`.
+        :meth:`stream` or :meth:`probe_all`. Closing the other end is no error: each probe
+        still running stops at its result (cancel the task group to stop them at once).
         """
         limiter = anyio.CapacityLimiter(self._concurrency)
         sums = _ChecksumsCache(self._fetch_checksums)
-        headers = {"User-Agent": _USER_AGENT}
+        # Identity: a host compressing on the fly would announce the compressed length.
+        headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
         async with send, aiohttp.ClientSession(headers=headers) as session:
 
             async def one(entry: Entry) -> None:
                 async with limiter:
                     info = await self._probe_one(session, sums, entry)
-                await send.send(info)
+                try:
+                    await send.send(info)
+                except anyio.BrokenResourceError:
+                    tg.cancel_scope.cancel()  # nobody reads the results any more
 
             async with anyio.create_task_group() as tg:
                 for entry in entries:
@@ -239,7 +244,7 @@ class SourceProber:
             return _answer(response.headers, _length(response.headers), "HEAD")
 
     async def _ranged_get(self, session: aiohttp.ClientSession, url: str) -> _Answer | int:
-        headers = {"Range": "bytes=0-0", "Accept-Encoding": "identity"}
+        headers = {"Range": "bytes=0-0"}
         # Leaving the block without reading the body closes the connection: a host that
         # ignores the range and sends the whole file sends no more than a few kB.
         async with session.get(url, headers=headers, allow_redirects=True) as response:

@@ -218,14 +218,23 @@ async def test_a_defect_fails_later_imports_and_a_fix_lets_them_succeed() -> Non
 
 
 async def test_a_file_can_be_made_to_refuse_head_and_to_answer_it_again() -> None:
-    """``PUT files/NAME/head {"answers": false}``: HEAD 405, GET 206, content unchanged."""
+    """``PUT files/NAME/head {"answers": false}``: HEAD 405, GET 206, content unchanged.
+
+    Meanwhile, imports of the file fail to download, as DigitalOcean needs HEAD.
+    """
     async with simulator() as client:
         before = await head(client, "presigned.qcow2")
         refused_state = await admin(client, "PUT", "files/presigned.qcow2/head", {"answers": False})
         refused = await head(client, "presigned.qcow2")
         status, headers, _ = await ranged(client, "presigned.qcow2")
+        failing = await create(client, "presigned.qcow2")
         await admin(client, "PUT", "files/presigned.qcow2/head", {"answers": True})
         again = await head(client, "presigned.qcow2")
+        working = await create(client, "presigned.qcow2")
+        await anyio.sleep(60)
+        assert await status_of(client, failing["id"]) == "deleted"
+        assert await status_of(client, working["id"]) == "available"
+        assert client[0].world.images[failing["id"]].error_message == DOWNLOAD_ERROR
     assert refused_state["answers_head"] is False
     assert refused_state["revision"] == 0
     assert refused.status == 405

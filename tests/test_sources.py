@@ -390,6 +390,24 @@ async def test_probe_sends_into_the_callers_stream_and_closes_it() -> None:
     assert [info.version for info in received] == [Version.from_etag('"a"')]
 
 
+async def test_a_reader_that_stops_reading_ends_the_probes_quietly() -> None:
+    """Closing the receiving end of ``probe``'s stream is no error: the probes stop sending."""
+    async with host() as files:
+        files.routes["quick.img"] = answer()
+        files.routes["slow.img"] = delayed(30.0, answer())
+        files.routes["slower.img"] = delayed(60.0, answer())
+        send, receive = anyio.create_memory_object_stream[SourceInfo](0)
+        names = ("quick.img", "slow.img", "slower.img")
+        entries = [entry(i, files.url(name)) for i, name in enumerate(names)]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(prober().probe, entries, send)
+            async with receive:
+                first = await receive.receive()
+        asked = sum(files.asked.values())
+    assert first.index == 0
+    assert asked == 3
+
+
 async def test_events_name_the_entry_and_redact_the_url() -> None:
     """``source.probed`` carries size, version label and source; no query string is logged."""
     async with host() as files:

@@ -541,7 +541,7 @@ class World:
         download_failure = (
             not filename
             or "fail-download" in marked
-            or "no-head" in marked
+            or not self.file_answers_head(filename)
             or defect == "download"
             or (cfg.fail_query_urls and bool(parts.query))
         )
@@ -647,7 +647,8 @@ class World:
         """Make the file host refuse ``HEAD`` for ``filename`` (405), or answer it again.
 
         The content does not change. A file refusing ``HEAD`` still answers ``GET``, as
-        presigned URLs do; imports from it fail, as DigitalOcean needs ``HEAD``.
+        presigned URLs do; imports from it fail, as DigitalOcean needs ``HEAD``. A file
+        whose name has the ``no-head`` marker refuses ``HEAD`` whatever is set here.
         """
         self.files.setdefault(filename, SimFile()).answers_head = answers
         return self.file_version(filename)
