@@ -65,14 +65,19 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class SourceInfo:
-    """What was learned about one entry's source."""
+    """What was learned about one entry's source.
+
+    ``version`` and ``error`` are independent: a checksum gives a version even when the
+    host does not answer (the version is right; the file may not be importable now), and
+    an entry whose checksums file fails has an error and no version, its size still known.
+    """
 
     entry: Entry
     #: Bytes, when the host said.
     size: int | None
     #: ``None`` when it could not be learned (see ``error``).
     version: Version | None
-    #: Why the source could not be probed or versioned; ``None`` when all went well.
+    #: Why the source could not be probed or versioned, for people (URLs redacted).
     error: str | None = None
 
     @property
@@ -80,7 +85,7 @@ class SourceInfo:
         return self.entry.index
 
 
-class ChecksumsError(Exception):
+class _ChecksumsError(Exception):
     """A checksums file that cannot be used; the message names it (redacted) and says why."""
 
 
@@ -127,8 +132,8 @@ class SourceProber:
         """Probe every entry and send each :class:`SourceInfo` as it is known; then close ``send``.
 
         Start it in the caller's task group and read the other end of the stream, or use
-        :meth:`stream` or :meth:`probe_all`. Closing the other end is no error: each probe
-        still running stops at its result (cancel the task group to stop them at once).
+        :meth:`stream` or :meth:`probe_all`. Closing the other end is no error: probing
+        stops when the next result finds no reader (cancel the task group to stop at once).
         """
         limiter = anyio.CapacityLimiter(self._concurrency)
         sums = _ChecksumsCache(self._fetch_checksums)
@@ -186,7 +191,7 @@ class SourceProber:
                 version = Version.from_checksum(
                     _digest_for(digests, entry.url, entry.checksums_url), "checksums_url"
                 )
-            except ChecksumsError as exc:
+            except _ChecksumsError as exc:
                 problem = str(exc)
         answer: _Answer | None = None
         try:
@@ -277,19 +282,19 @@ class SourceProber:
         try:
             raw = await self._deadline(fetch, f"GET {shown}")
         except _ProbeFailed as exc:
-            raise ChecksumsError(f"cannot read checksums_url: {exc}") from None
+            raise _ChecksumsError(f"cannot read checksums_url: {exc}") from None
         if raw == -1:
-            raise ChecksumsError(
+            raise _ChecksumsError(
                 f"checksums_url {shown} is larger than {MAX_CHECKSUMS_BYTES // 2**20} MiB; "
                 "is it a SHA256SUMS file?"
             )
         if isinstance(raw, int):
-            raise ChecksumsError(
+            raise _ChecksumsError(
                 f"cannot read checksums_url {shown}: the host answered {raw}; {_advice(raw)}"
             )
         digests = parse_checksums(raw.decode("utf-8", "replace"))
         if not digests:
-            raise ChecksumsError(
+            raise _ChecksumsError(
                 f"checksums_url {shown} lists no SHA-256 digest (expected lines like "
                 "'<64 hex digits>  <file name>'); is it a SHA256SUMS file?"
             )
@@ -338,7 +343,7 @@ class _ChecksumsCache:
     ) -> None:
         self._fetch = fetch
         self._locks: dict[str, anyio.Lock] = {}
-        self._done: dict[str, Mapping[str, frozenset[str]] | ChecksumsError] = {}
+        self._done: dict[str, Mapping[str, frozenset[str]] | _ChecksumsError] = {}
 
     async def get(self, session: aiohttp.ClientSession, url: str) -> Mapping[str, frozenset[str]]:
         lock = self._locks.setdefault(url, anyio.Lock())
@@ -346,11 +351,11 @@ class _ChecksumsCache:
             if url not in self._done:
                 try:
                     self._done[url] = await self._fetch(session, url)
-                except ChecksumsError as exc:
+                except _ChecksumsError as exc:
                     self._done[url] = exc
         result = self._done[url]
-        if isinstance(result, ChecksumsError):
-            raise ChecksumsError(str(result))
+        if isinstance(result, _ChecksumsError):
+            raise _ChecksumsError(str(result))
         return result
 
 
@@ -377,7 +382,7 @@ def parse_checksums(text: str) -> dict[str, frozenset[str]]:
 
 
 def _digest_for(digests: Mapping[str, frozenset[str]], url: str, sums_url: str) -> str:
-    """The one digest listed for ``url``'s file name, or :class:`ChecksumsError`.
+    """The one digest listed for ``url``'s file name, or :class:`_ChecksumsError`.
 
     A name is matched exactly first, then by its last path segment (a list made in a parent
     directory names ``sub/dir/file``).
@@ -390,12 +395,12 @@ def _digest_for(digests: Mapping[str, frozenset[str]], url: str, sums_url: str) 
         )
     shown = redact_url(sums_url)
     if not found:
-        raise ChecksumsError(
+        raise _ChecksumsError(
             f"checksums_url {shown} has no line for {filename!r}; add it there, or give the "
             "entry its own 'checksum'"
         )
     if len(found) > 1:
-        raise ChecksumsError(
+        raise _ChecksumsError(
             f"checksums_url {shown} lists {len(found)} different digests for {filename!r}; "
             "give the entry its own 'checksum'"
         )
