@@ -462,6 +462,22 @@ async def test_an_unreadable_state_file_is_a_clear_error(tmp_path: Path) -> None
         assert state.read_text() == text  # left as it was
 
 
+def test_restored_imports_never_go_back_in_time() -> None:
+    """Restored on a clock whose wall time is behind the save, an image keeps its progress."""
+    ahead = FakeClock(start=0.0, wall_offset=EPOCH + 3600)
+    world = World(SimulatorConfig.demo(**EXACT), ahead)
+    image = world.create_image({"name": "a", "url": "https://h/a.raw", "region": "nyc3"})
+    ahead.advance(15)
+    assert image.status == "pending"
+    behind = FakeClock(start=0.0, wall_offset=EPOCH)
+    restored = World(SimulatorConfig.demo(**EXACT), behind)
+    restored.restore(world.snapshot())
+    assert restored.images[image.id].status == "pending"
+    assert restored.images[image.id].elapsed == pytest.approx(15)
+    behind.advance(15)
+    assert restored.images[image.id].status == "available"
+
+
 def test_restore_keeps_the_world_unchanged_when_the_snapshot_is_bad() -> None:
     """A snapshot that fails half-way replaces nothing."""
     world = World(SimulatorConfig.demo(), FakeClock())

@@ -914,7 +914,10 @@ class World:
     def restore(self, snapshot: Mapping[str, Any]) -> None:
         """Replace the account with one :meth:`snapshot` wrote; raises ``ValueError`` if unusable.
 
-        Each image's import goes on from its creation time, on this world's clock.
+        Each image's import goes on from its creation time, on this world's clock. Should
+        this clock's wall time be earlier than the save (a virtual clock that ran ahead, a
+        clock set back), the world goes on from the moment it was saved: time never runs
+        backwards for an image.
         """
         try:
             self._restore(snapshot)
@@ -924,6 +927,11 @@ class World:
     def _restore(self, snapshot: Mapping[str, Any]) -> None:
         if snapshot.get("format") != SNAPSHOT_FORMAT:
             raise ValueError(f"unknown snapshot format {snapshot.get('format')!r}")
+        behind = max(0.0, float(snapshot["saved_at"]) - self.clock.wall())
+
+        def mono_of(wall: float) -> float:
+            return self.clock.monotonic() - (self.clock.wall() + behind - wall)
+
         images: dict[int, SimImage] = {}
         for raw in snapshot["images"]:
             plan = raw["plan"]
@@ -945,10 +953,10 @@ class World:
                     compressed=bool(plan["compressed"]),
                 ),
                 created_at=float(raw["created_at"]),
-                created_mono=self._mono_of(float(raw["created_at"])),
+                created_mono=mono_of(float(raw["created_at"])),
                 clock=self.clock,
                 deleted_by_user=deleted_at is not None,
-                deleted_mono=None if deleted_at is None else self._mono_of(float(deleted_at)),
+                deleted_mono=None if deleted_at is None else mono_of(float(deleted_at)),
             )
             images[image.id] = image
         actions: dict[int, SimAction] = {}
@@ -958,7 +966,7 @@ class World:
                 image_id=int(raw["image_id"]),
                 region=str(raw["region"]),
                 started_at=float(raw["started_at"]),
-                started_mono=self._mono_of(float(raw["started_at"])),
+                started_mono=mono_of(float(raw["started_at"])),
                 duration=float(raw["duration"]),
                 clock=self.clock,
             )
@@ -988,9 +996,6 @@ class World:
 
     def _wall_of(self, mono: float) -> float:
         return self.clock.wall() - (self.clock.monotonic() - mono)
-
-    def _mono_of(self, wall: float) -> float:
-        return self.clock.monotonic() - (self.clock.wall() - wall)
 
 
 def _finite_or_none(value: float) -> float | None:
