@@ -133,6 +133,8 @@ class Importer:
         )
         self._scope: anyio.CancelScope | None = None
         self._run_failures: set[str] = set()
+        #: Entries whose turn to submit has not come yet.
+        self._waiting_turn = 0
         self.stopped: str | None = None
 
     # -- running ------------------------------------------------------------------
@@ -159,13 +161,19 @@ class Importer:
                             images.start_soon(self._import_one, item, _Turn(None))
                         else:
                             to_submit.append(item)
+                    self._waiting_turn = len(to_submit)
                     for item in to_submit:
                         await turns.acquire()
+                        self._waiting_turn -= 1
                         images.start_soon(self._import_one, item, _Turn(turns))
             outer.cancel_scope.cancel()
         self._finish_unfinished()
         counts = Counter(p.result.outcome.value for p in self._progress.values())
         self._log.info("run.finished", stopped=self.stopped, **counts)
+
+    def creates_left(self) -> int:
+        """About how many creates the run still has to send (those waiting their turn)."""
+        return self._waiting_turn + self._settings.concurrency
 
     def stop(self, reason: str) -> None:
         """End the run early: no new request; unfinished images are reported as such."""
@@ -482,8 +490,11 @@ async def run_import(
                 image_timeout=settings.image_timeout,
                 rng=rng,
             )
+            # The poller knows what its status checks will need; creates get the rest.
+            governor.use_forecast(poller)
             plan = make_plan(manifest, sizes)
             importer = Importer(plan, client, poller, journal, clock, settings)
+            poller.pace_with(governor, importer.creates_left)
             await importer.run(stopper)
     return Report(
         manifest=manifest.source,

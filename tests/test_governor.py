@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from importer.api import RateLimit
 from importer.clock import LoopClock
+from importer.forecast import FixedForecast
 from importer.governor import Governor, Priority, SlidingLog, Window
 from tests.fakes import FakeClock
 
@@ -59,7 +60,6 @@ async def test_governor_respects_both_windows_under_load() -> None:
         concurrency=16,
         windows=(Window(250, 60.0), Window(400, 3600.0)),
         margin=0.5,
-        status_share=0.0,
     )
     admitted: list[float] = []
 
@@ -163,9 +163,7 @@ async def test_a_burst_429_does_not_count_the_hour_as_spent_by_others() -> None:
 async def test_others_are_learned_from_successful_answers_only() -> None:
     """An error answer's remaining teaches nothing; a 2xx's does (here: 60 of 100 left)."""
     clock = FakeClock()
-    governor = Governor(
-        clock, concurrency=2, windows=(Window(100, 3600.0),), margin=0.0, status_share=0.0
-    )
+    governor = Governor(clock, concurrency=2, windows=(Window(100, 3600.0),), margin=0.0)
     governor.observe(404, RateLimit(limit=100, remaining=0, reset=None, retry_after=None))
     governor.observe(500, RateLimit(limit=100, remaining=0, reset=None, retry_after=None))
     start = clock.now
@@ -311,11 +309,16 @@ async def test_status_checks_go_before_queued_creates() -> None:
 
 
 @pytest.mark.anyio
-async def test_creates_leave_a_share_of_the_hour_for_status_checks() -> None:
-    """When creates have spent their part of the hour, status checks still get through."""
+async def test_creates_leave_what_status_checks_will_need_of_the_hour() -> None:
+    """Status checks forecast to need 10 of the hour's 100: creates stop at 90, and the 10
+    status checks get through at once."""
     clock = LoopClock()
     governor = Governor(
-        clock, concurrency=4, windows=(Window(100, 3600.0),), margin=0.0, status_share=0.1
+        clock,
+        concurrency=4,
+        windows=(Window(100, 3600.0),),
+        margin=0.0,
+        forecast=FixedForecast(10),
     )
     creates: list[float] = []
 
@@ -340,9 +343,7 @@ async def test_creates_leave_a_share_of_the_hour_for_status_checks() -> None:
 async def test_what_others_spend_comes_off_the_hour() -> None:
     """Headers showing 40 requests used by others leave 60 of 100 for us, until they expire."""
     clock = LoopClock()
-    governor = Governor(
-        clock, concurrency=2, windows=(Window(100, 3600.0),), margin=0.0, status_share=0.0
-    )
+    governor = Governor(clock, concurrency=2, windows=(Window(100, 3600.0),), margin=0.0)
     async with governor.slot():
         pass
     governor.observe(200, RateLimit(limit=100, remaining=59, reset=None, retry_after=None))
