@@ -374,7 +374,8 @@ class StatusPoller:
             when = early if early > now else now + self._interval
         else:
             # Nothing learned yet: back off, so a long first import costs few requests.
-            when = now + min(self._interval * 1.5**watch.checks, 4 * self._interval)
+            # Capped exponent: a float power overflows after ~1,750 checks of a stuck image.
+            when = now + min(self._interval * 1.5 ** min(watch.checks, 4), 4 * self._interval)
         return self._not_after_last_call(watch, when)
 
     def _not_after_last_call(self, watch: _Watch, when: float) -> float:
