@@ -50,7 +50,16 @@ CREATE TABLE IF NOT EXISTS entries (
     updated_at    REAL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    started_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    ended       INTEGER NOT NULL DEFAULT 0,
+    report      TEXT NOT NULL
+);
 """
+#: Runs whose record is kept (``importer status`` shows the last one).
+_RUNS_KEPT = 10
 
 
 class Phase(StrEnum):
@@ -89,12 +98,33 @@ class EntryState:
     finished_at: float | None
 
 
-class Journal:
-    """An open journal. Use as a context manager, or call :meth:`close`."""
+@dataclass(frozen=True)
+class RunRecord:
+    """What the journal holds of one run: its report as last recorded."""
 
-    def __init__(self, path: Path | str) -> None:
+    run_id: int
+    started_at: float
+    #: When the run last recorded itself (wall time).
+    updated_at: float
+    #: Whether the run recorded its end; if not, it is still running, or was killed.
+    ended: bool
+    #: The report's JSON text, as the run wrote it then.
+    report: str
+
+
+class Journal:
+    """An open journal. Use as a context manager, or call :meth:`close`.
+
+    ``read_only`` opens an existing journal to read it (``importer status``): no
+    lock is taken, so it works while a run holds the state, and nothing is written.
+    """
+
+    def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
         self.path = str(path)
         self._lock_fd: int | None = None
+        if read_only:
+            self._open_read_only()
+            return
         if self.path != MEMORY:
             self._lock_fd = _lock(Path(self.path))
         try:
@@ -112,6 +142,23 @@ class Journal:
             raise StateFileError(
                 f"{self.path} is not a usable importer state file ({exc}); "
                 "pass another --state path, or move this file away"
+            ) from None
+
+    def _open_read_only(self) -> None:
+        if self.path == MEMORY or not Path(self.path).is_file():
+            raise StateFileError(
+                f"there is no state file at {self.path}; pass --state the file a run was given"
+            )
+        try:
+            uri = f"{Path(self.path).resolve().as_uri()}?mode=ro"
+            self._db = sqlite3.connect(uri, uri=True, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("SELECT count(*) FROM entries").fetchone()
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise StateFileError(
+                f"{self.path} is not a usable importer state file ({exc}); "
+                "pass --state the file a run was given"
             ) from None
 
     def _check_version(self) -> None:
@@ -147,6 +194,28 @@ class Journal:
             first_sent_at=row["first_sent_at"],
             submitted_at=row["submitted_at"],
             finished_at=row["finished_at"],
+        )
+
+    def changed_since(self, since: float) -> tuple[EntryState, ...]:
+        """Rows written at or after ``since`` (wall time)."""
+        rows = self._db.execute("SELECT tag FROM entries WHERE updated_at >= ?", (since,))
+        states = (self.get(row["tag"]) for row in rows.fetchall())
+        return tuple(state for state in states if state is not None)
+
+    def last_run(self) -> RunRecord | None:
+        """The latest run recorded in this journal, if any."""
+        try:
+            row = self._db.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        except sqlite3.OperationalError:  # a state file from before runs were recorded
+            return None
+        if row is None:
+            return None
+        return RunRecord(
+            run_id=row["id"],
+            started_at=row["started_at"],
+            updated_at=row["updated_at"],
+            ended=bool(row["ended"]),
+            report=row["report"],
         )
 
     # -- writing --------------------------------------------------------------------
@@ -218,6 +287,23 @@ class Journal:
             " error=excluded.error, finished_at=excluded.finished_at,"
             " updated_at=excluded.updated_at",
             (tag, name, region, outcome, error, now, now),
+        )
+
+    def run_started(self, report: str, now: float) -> int:
+        """Record a run that starts (its report so far); returns the run's id."""
+        cursor = self._db.execute(
+            "INSERT INTO runs(started_at, updated_at, report) VALUES (?, ?, ?)", (now, now, report)
+        )
+        run_id = cursor.lastrowid
+        assert run_id is not None
+        self._db.execute("DELETE FROM runs WHERE id <= ?", (run_id - _RUNS_KEPT,))
+        return run_id
+
+    def run_recorded(self, run_id: int, report: str, now: float, *, ended: bool) -> None:
+        """The run's report as it stands now; ``ended`` once the run is over."""
+        self._db.execute(
+            "UPDATE runs SET report=?, updated_at=?, ended=? WHERE id=?",
+            (report, now, int(ended), run_id),
         )
 
     def _update(self, tag: str, now: float, assignments: str, *values: object) -> None:

@@ -19,9 +19,10 @@ tag before it sends another create (see :meth:`Importer._reconcile`).
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import anyio
@@ -44,13 +45,16 @@ from importer.journal import MEMORY, EntryState, Journal, Phase
 from importer.manifest import Manifest
 from importer.plan import GROUP_TAG_PREFIX, PlannedImport, make_plan
 from importer.poller import StatusPoller
+from importer.progress import RunMonitor, Sources, Tally
 from importer.reconcile import Reconciler
 from importer.redact import redact_text
-from importer.report import ImageResult, Outcome, Report
+from importer.report import RUNNING, ImageResult, Outcome, Report
 from importer.settings import Settings
 from importer.sizing import HeadSizer
 
 Log = structlog.typing.FilteringBoundLogger
+#: The run's report is recorded (journal, and the caller's outputs) this often.
+CHECKPOINT_INTERVAL = 60.0
 
 
 class Stopper:
@@ -134,6 +138,10 @@ class Importer:
         self._scope: anyio.CancelScope | None = None
         self._run_failures: set[str] = set()
         self.stopped: str | None = None
+        #: Set when the run starts stopping early.
+        self.stopping = anyio.Event()
+        #: Entries by progress label, kept as they change (see :mod:`importer.progress`).
+        self.tally = Tally({index: _label(p) for index, p in self._progress.items()})
 
     # -- running ------------------------------------------------------------------
 
@@ -172,6 +180,7 @@ class Importer:
         if self.stopped is None:
             self.stopped = reason
             self._log.warning("run.stopping", reason=reason)
+            self.stopping.set()
         if self._scope is not None:
             self._scope.cancel()
 
@@ -370,6 +379,7 @@ class Importer:
     def _update(self, item: PlannedImport, **changes: object) -> None:
         progress = self._progress[item.index]
         progress.result = replace(progress.result, **changes)  # type: ignore[arg-type]
+        self.tally.move(item.index, _label(progress))
 
     def _finish(self, item: PlannedImport, outcome: Outcome, *, error: str | None = None) -> None:
         progress = self._progress[item.index]
@@ -379,6 +389,9 @@ class Importer:
         self._journal.finished(
             item.tag, item.entry.name, item.entry.region, outcome.value, error, now
         )
+        self.tally.move(item.index, _label(progress))
+        if not outcome.is_success:
+            self.tally.failed(progress.result)
 
     def _restore(self, item: PlannedImport, state: EntryState) -> None:
         progress = self._progress[item.index]
@@ -393,6 +406,7 @@ class Importer:
             duplicates_deleted=state.duplicates,
         )
         progress.done = True
+        self.tally.move(item.index, _label(progress))
 
     def _finish_unfinished(self) -> None:
         """What a stopped run reports of the entries it did not finish: the journal's word."""
@@ -414,28 +428,44 @@ class Importer:
                     submitted_at=state.submitted_at,
                 )
             else:
-                error = "the create's outcome is not known yet; a run with the same state finds out"
-                progress.result = replace(progress.result, outcome=Outcome.PENDING, error=error)
+                progress.result = replace(
+                    progress.result, outcome=Outcome.PENDING, error=UNKNOWN_CREATE
+                )
+            self.tally.move(item.index, progress.result.outcome.value)
 
     async def _report_progress(self) -> None:
         while True:
             await self._clock.sleep(self._settings.progress_interval)
-            counts = Counter(
-                p.result.outcome.value
-                if p.done
-                else ("importing" if p.result.image_id is not None else "queued")
-                for p in self._progress.values()
-            )
             self._log.info(
                 "run.progress",
-                total=len(self._progress),
+                total=self.tally.total,
                 requests=self._client.requests_sent,
-                **counts,
+                **dict(self.tally.counts()),
             )
 
     def results(self) -> tuple[ImageResult, ...]:
         """One result per entry, in manifest order."""
         return tuple(self._progress[index].result for index in sorted(self._progress))
+
+    def interim_results(self) -> tuple[ImageResult, ...]:
+        """:meth:`results` while the run goes on: an image being imported is ``pending``."""
+        return tuple(
+            replace(p.result, outcome=Outcome.PENDING)
+            if not p.done and p.result.image_id is not None
+            else p.result
+            for p in (self._progress[index] for index in sorted(self._progress))
+        )
+
+
+#: What a stopped run says of a create whose answer it never learned.
+UNKNOWN_CREATE = "the create's outcome is not known yet; a run with the same state finds out"
+
+
+def _label(progress: _Progress) -> str:
+    """The word an entry counts under in progress lines and the live view."""
+    if progress.done:
+        return progress.result.outcome.value
+    return "importing" if progress.result.image_id is not None else "queued"
 
 
 async def run_import(
@@ -447,6 +477,8 @@ async def run_import(
     journal: Journal | None = None,
     sizer: HeadSizer | None = None,
     seed: int | None = None,
+    on_start: Callable[[RunMonitor], None] | None = None,
+    on_checkpoint: Callable[[Report], None] | None = None,
 ) -> Report:
     """Import every image of ``manifest``; the report says how each ended.
 
@@ -457,6 +489,13 @@ async def run_import(
     files are sized first (``HEAD``, no API budget) and the longest imports go first.
     Every API failure becomes part of the report; ``report.stopped`` says whether
     the run ended early, and why.
+
+    The run's report so far is recorded in the journal when the run starts, every
+    :data:`CHECKPOINT_INTERVAL` of the clock, when it starts stopping, and at the
+    end (``importer status`` reads it); ``on_checkpoint`` receives the same report
+    at each of those but the first and the last (``stopped`` is ``running`` until
+    the run stops), to rewrite outputs that a killed run should leave recent.
+    ``on_start`` receives the monitor of the run's progress once it has a plan.
     """
     clock = clock or LoopClock()
     rng = random.Random(seed)  # noqa: S311 - jitter, not cryptography
@@ -484,15 +523,77 @@ async def run_import(
             )
             plan = make_plan(manifest, sizes)
             importer = Importer(plan, client, poller, journal, clock, settings)
-            await importer.run(stopper)
-    return Report(
-        manifest=manifest.source,
-        api_url=settings.api_url,
-        started_at=started,
-        finished_at=clock.wall(),
-        images=importer.results(),
-        requests=client.requests_sent,
-        rate_limited=governor.rate_limited,
-        stopped=importer.stopped,
-        requests_by_endpoint=dict(client.sent),
-    )
+
+            def report(images: tuple[ImageResult, ...], stopped: str | None) -> Report:
+                return Report(
+                    manifest=manifest.source,
+                    api_url=settings.api_url,
+                    started_at=started,
+                    finished_at=clock.wall(),
+                    images=images,
+                    requests=client.requests_sent,
+                    rate_limited=governor.rate_limited,
+                    stopped=stopped,
+                    requests_by_endpoint=dict(client.sent),
+                    set=manifest.set,
+                )
+
+            def interim() -> Report:
+                return report(importer.interim_results(), importer.stopped or RUNNING)
+
+            if on_start is not None:
+                on_start(
+                    RunMonitor(
+                        importer.tally,
+                        Sources(
+                            requests=lambda: client.requests_sent,
+                            rate_limited=lambda: governor.rate_limited,
+                            hour=governor.hour_usage,
+                            expected_end=poller.expected_end,
+                            stopping=lambda: importer.stopped,
+                        ),
+                        clock,
+                        started,
+                    )
+                )
+            run_id = journal.run_started(_compact(interim()), clock.wall())
+            async with anyio.create_task_group() as checkpoints:
+                checkpoints.start_soon(
+                    _checkpoints, importer, clock, journal, run_id, interim, on_checkpoint
+                )
+                await importer.run(stopper)
+                checkpoints.cancel_scope.cancel()
+            final = report(importer.results(), importer.stopped)
+            journal.run_recorded(run_id, _compact(final), clock.wall(), ended=True)
+    return final
+
+
+def _compact(report: Report) -> str:
+    """The report as the journal keeps it: the JSON of the file, without the indentation."""
+    return json.dumps(report.to_json(), separators=(",", ":"))
+
+
+async def _checkpoints(
+    importer: Importer,
+    clock: Clock,
+    journal: Journal,
+    run_id: int,
+    interim: Callable[[], Report],
+    on_checkpoint: Callable[[Report], None] | None,
+) -> None:
+    """Record the report every :data:`CHECKPOINT_INTERVAL`, and once when the run starts stopping.
+
+    A killed run then leaves a report minutes old in the journal and the outputs;
+    the one written at the stop remains if a second signal ends the process at once.
+    """
+    stop_recorded = False
+    while True:
+        with clock.move_on_after(CHECKPOINT_INTERVAL):
+            if stop_recorded:
+                await anyio.sleep_forever()
+            await importer.stopping.wait()
+            stop_recorded = True
+        report = interim()
+        journal.run_recorded(run_id, _compact(report), clock.wall(), ended=False)
+        if on_checkpoint is not None:
+            on_checkpoint(report)

@@ -106,6 +106,10 @@ class DurationModel:
     def late(self, size: int | None) -> float:
         return self._fit((size or 0) / GIB) * self._spread()[1]
 
+    def expected(self, size: int | None) -> float:
+        """The fitted duration of an import of ``size`` bytes."""
+        return self._fit((size or 0) / GIB)
+
 
 @dataclass(eq=False)
 class _Watch:
@@ -198,6 +202,22 @@ class StatusPoller:
             raise watch.result
         assert watch.result is not None
         return watch.result
+
+    def expected_end(self) -> float | None:
+        """When the last image being watched should finish (monotonic), once durations are known.
+
+        Each image's late bound (see :class:`DurationModel`): the time by which it
+        should be done, not the earliest it could be. Walks the images in flight:
+        call it now and then, not per request.
+        """
+        if not self.model.ready:
+            return None
+        ends = [
+            watch.submitted + self.model.late(watch.size)
+            for watch in self._watches.values()
+            if not watch.done.is_set()
+        ]
+        return max(ends, default=None)
 
     # -- the background task --------------------------------------------------------
 
