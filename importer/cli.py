@@ -1,4 +1,4 @@
-"""The ``importer`` command: ``run``, ``validate`` and ``simulate``.
+"""The ``importer`` command: ``run``, ``status``, ``validate`` and ``simulate``.
 
 Exit codes: 0 every image available; 1 some image failed, timed out or was
 rejected; 2 invalid manifest or usage (or the state file is in use, or the report
@@ -6,12 +6,16 @@ cannot be written); 3 authentication failed or the API unreachable; 4 the
 ``--deadline`` passed; 130 interrupted (SIGINT); 143 terminated (SIGTERM).
 
 Every check of the command line and of the paths to write is made before the first
-request. Logs go to stderr; with ``--log-format json`` every stderr line is JSON.
+request. Logs go to stderr; with ``--log-format json`` every stderr line is JSON. On a
+terminal, with console logs, a live view of the run (:mod:`importer.live`) is drawn on
+stderr, with only warnings (``-v``: every line down to debug) printed above it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 import signal
 import socket
@@ -41,13 +45,17 @@ from importer.errors import (
     UsageError,
 )
 from importer.journal import MEMORY, Journal
+from importer.live import LiveView
 from importer.logs import LogFormat, configure_logging
 from importer.manifest import Manifest, load_manifest, parse_manifest
+from importer.outputs import Outputs, path_error
 from importer.pipeline import Stopper, run_import
-from importer.report import Report, plural, unwritable_reason
+from importer.progress import RunMonitor, RunSnapshot, preparing
+from importer.report import RUNNING, Report, plural, unwritable_reason
 from importer.settings import Settings, Token, default_api_url
 from importer.simulator import SimulatorConfig, run_simulator
 from importer.sizing import HeadSizer
+from importer.status import last_report
 
 EXIT_OK = 0
 EXIT_FAILURES = 1
@@ -63,6 +71,8 @@ _STOP_EXIT = {
     "deadline": EXIT_DEADLINE,
     "interrupted": EXIT_INTERRUPTED,
     "terminated": EXIT_TERMINATED,
+    # Only `importer status` sees it: the last run has not ended (or was killed).
+    RUNNING: EXIT_FAILURES,
 }
 _SIGNAL_REASONS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
 DEFAULT_STATE = Path("importer-state.sqlite")
@@ -129,6 +139,39 @@ def _flags(command: click.Command) -> dict[str, str]:
         for param in command.params
         if isinstance(param, click.Option) and param.name
     }
+
+
+def _output_options(command: FC) -> FC:
+    """``--junit``, ``--markdown`` and ``--metrics``, shared by ``run`` and ``status``."""
+    for flag, name, help_text in reversed(
+        (
+            ("--junit", "junit_path", "Also write a JUnit XML file: one test case per entry."),
+            (
+                "--markdown",
+                "markdown_path",
+                "Also write a Markdown summary (and append it to $GITHUB_STEP_SUMMARY if set).",
+            ),
+            (
+                "--metrics",
+                "metrics_path",
+                "Also write Prometheus metrics (text format, for node_exporter's textfile "
+                "collector).",
+            ),
+        )
+    ):
+        option = click.option(
+            flag, name, type=click.Path(path_type=Path, dir_okay=False), help=help_text
+        )
+        command = option(command)
+    return command
+
+
+def _check_outputs(outputs: Outputs, log_format: LogFormat) -> None:
+    """Refuse, before anything runs, an output that could not be written at the end."""
+    for flag, path in outputs.paths():
+        reason = unwritable_reason(path)
+        if reason is not None:
+            _die(path_error(flag, path, reason), log_format)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -252,6 +295,9 @@ def validate(manifest: Path) -> None:
     show_default=True,
     help="Human-readable logs, or JSON lines.",
 )
+@_output_options
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and the final summary.")
+@click.option("-v", "--verbose", is_flag=True, help="Every log line, debug ones too.")
 def run(
     manifest: Path,
     report_path: Path,
@@ -270,10 +316,17 @@ def run(
     first_poll: float | None,
     poll_interval: float | None,
     log_format: LogFormat,
+    junit_path: Path | None,
+    markdown_path: Path | None,
+    metrics_path: Path | None,
+    quiet: bool,
+    verbose: bool,
 ) -> None:
     """Import every image of MANIFEST and write a report."""
     # Set up first, so that even a refusal is a JSON line when JSON is asked for.
     configure_logging(log_format)
+    if quiet and verbose:
+        _die(UsageError("-q and -v contradict each other; pass one of them"), log_format)
     for flag, given in (("--api-url", api_url is not None), ("--token-file", token_file)):
         if simulate and given:
             _die(
@@ -330,44 +383,164 @@ def run(
     reason = None if to_stdout else unwritable_reason(settings.report_path)
     if reason is not None:
         _die(OutputPathError(str(settings.report_path), reason, fix=_REPORT_FIX), log_format)
-    configure_logging(log_format, secrets=[token.value])
+    outputs = Outputs.from_env(junit=junit_path, markdown=markdown_path, metrics=metrics_path)
+    _check_outputs(outputs, log_format)
+    # On a terminal, the view replaces the info lines (it says what they would);
+    # warnings still scroll above it. Anywhere else, the logs are as they always were.
+    view = LiveView() if not quiet and log_format == "console" and sys.stderr.isatty() else None
+    level = logging.DEBUG if verbose else logging.WARNING if quiet or view else logging.INFO
     options: dict[str, Any] = {"loop_factory": VirtualTimeLoop} if virtual_time else {}
-    try:
-        # Opened (and locked) before anything starts, so a refusal is just a message.
-        with Journal(settings.state_path or MEMORY) as journal:
-            report = anyio.run(
-                _run, loaded, settings, journal, simulate, size_order, backend_options=options
-            )
-    except ImporterError as error:  # the state file is locked or unusable
-        _die(error, log_format)
-    if to_stdout:
+
+    def checkpoint(interim: Report) -> None:
+        """Rewrite the outputs during the run, so that a killed run leaves recent ones."""
+        try:
+            if not to_stdout:
+                interim.write(settings.report_path)
+            outputs.write(interim, final=False)
+        except (OSError, OutputPathError) as exc:
+            structlog.get_logger("importer.cli").warning("outputs.write_failed", error=str(exc))
+
+    with view if view is not None else contextlib.nullcontext():
+        stream = view.stream if view is not None else None
+        configure_logging(log_format, secrets=[token.value], level=level, stream=stream)
+        try:
+            # Opened (and locked) before anything starts, so a refusal is just a message.
+            with Journal(settings.state_path or MEMORY) as journal:
+                report = anyio.run(
+                    _run,
+                    loaded,
+                    settings,
+                    journal,
+                    simulate,
+                    size_order,
+                    view,
+                    checkpoint,
+                    backend_options=options,
+                )
+        except ImporterError as error:  # the state file is locked or unusable
+            _die(error, log_format)
+    _finish(report, settings.report_path, outputs, log_format, quiet=quiet)
+
+
+def _finish(
+    report: Report,
+    report_path: Path | None,
+    outputs: Outputs,
+    log_format: LogFormat,
+    *,
+    quiet: bool = False,
+) -> NoReturn:
+    """Write the report and the outputs, print the summary, exit with the run's code.
+
+    A file that cannot be written is said after the summary, with exit 2.
+    """
+    failure: ImporterError | None = None
+    if report_path is not None and report_path != DASH:
+        try:
+            report.write(report_path)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            failure = OutputPathError(str(report_path), reason, fix=_REPORT_FIX)
+    if failure is None:
+        try:
+            outputs.write(report, final=True)
+        except OutputPathError as error:
+            failure = error
+    if report_path == DASH:
         click.echo(report.to_text(), nl=False)
         # Standard output holds the JSON alone; in JSON logs, run.finished has the counts.
         if log_format == "console":
             click.echo(report.human_summary(), err=True)
     else:
-        try:
-            report.write(settings.report_path)
-        except OSError as exc:
-            click.echo(report.human_summary())
-            reason = exc.strerror or str(exc)
-            _die(OutputPathError(str(settings.report_path), reason, fix=_REPORT_FIX), log_format)
         click.echo(report.human_summary())
-        click.echo(f"report written to {settings.report_path}")
+        if report_path is not None and failure is None and not quiet:
+            click.echo(f"report written to {report_path}")
+    if failure is not None:
+        _die(failure, log_format)
     sys.exit(exit_code(report))
 
 
 _REPORT_FIX = "pass --report a path in a directory you can write to, or - for standard output"
 
 
+@main.command()
+@click.option(
+    "--state",
+    "state_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="The state file of the runs to report on.",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(path_type=Path, dir_okay=False, allow_dash=True),
+    default=None,
+    help="Also write the JSON report there; - for standard output (the summary then goes "
+    "to stderr).",
+)
+@_output_options
+@click.option(
+    "--log-format",
+    type=click.Choice(["console", "json"]),
+    default="console",
+    show_default=True,
+    help="Human-readable logs, or JSON lines.",
+)
+def status(
+    state_path: Path,
+    report_path: Path | None,
+    junit_path: Path | None,
+    markdown_path: Path | None,
+    metrics_path: Path | None,
+    log_format: LogFormat,
+) -> None:
+    """Report the last run on a state file, from its journal alone: no token, no request.
+
+    Works while that run goes on, and after it was killed: then the report is its last
+    record, brought up to date by the journal's newer rows, with `stopped: running`.
+    Exit code: the run's own (0, 1, 3, 4, 130, 143), or 1 if it has not ended.
+    """
+    configure_logging(log_format)
+    if report_path is not None and report_path != DASH:
+        reason = unwritable_reason(report_path)
+        if reason is not None:
+            _die(OutputPathError(str(report_path), reason, fix=_REPORT_FIX), log_format)
+    outputs = Outputs.from_env(junit=junit_path, markdown=markdown_path, metrics=metrics_path)
+    _check_outputs(outputs, log_format)
+    try:
+        report = last_report(state_path)
+    except ImporterError as error:
+        _die(error, log_format)
+    _finish(report, report_path, outputs, log_format)
+
+
 async def _run(
-    manifest: Manifest, settings: Settings, journal: Journal, simulate: bool, size_order: bool
+    manifest: Manifest,
+    settings: Settings,
+    journal: Journal,
+    simulate: bool,
+    size_order: bool,
+    view: LiveView | None = None,
+    on_checkpoint: Callable[[Report], None] | None = None,
 ) -> Report:
     stopper = Stopper()
     # Wall time anchored now: under --virtual-time, timestamps still read as today.
     clock = LoopClock(epoch=time.time())
+    started = clock.wall()
+    monitors: list[RunMonitor] = []
+
+    def snapshot() -> RunSnapshot:
+        if monitors:
+            return monitors[0].snapshot()
+        doing = "sizing the sources" if size_order else "starting"
+        return preparing(len(manifest.entries), doing, started, clock.wall())
+
+    hooks: dict[str, Any] = {"on_start": monitors.append, "on_checkpoint": on_checkpoint}
     async with anyio.create_task_group() as signals:
         signals.start_soon(_stop_on_signals, stopper)
+        if view is not None:
+            signals.start_soon(view.follow, snapshot, clock)
         if simulate:
             async with run_simulator(SimulatorConfig.demo(), clock) as simulator:
                 log = structlog.get_logger("importer.cli")
@@ -383,6 +556,7 @@ async def _run(
                     stopper=stopper,
                     journal=journal,
                     sizer=sizer if size_order else None,
+                    **hooks,
                 )
         else:
             report = await run_import(
@@ -392,6 +566,7 @@ async def _run(
                 stopper=stopper,
                 journal=journal,
                 sizer=HeadSizer() if size_order else None,
+                **hooks,
             )
         signals.cancel_scope.cancel()
     return report
