@@ -400,25 +400,29 @@ def run(
         except (OSError, OutputPathError) as exc:
             structlog.get_logger("importer.cli").warning("outputs.write_failed", error=str(exc))
 
-    with view if view is not None else contextlib.nullcontext():
-        stream = view.stream if view is not None else None
-        configure_logging(log_format, secrets=[token.value], level=level, stream=stream)
-        try:
-            # Opened (and locked) before anything starts, so a refusal is just a message.
-            with Journal(settings.state_path or MEMORY) as journal:
-                report = anyio.run(
-                    _run,
-                    loaded,
-                    settings,
-                    journal,
-                    simulate,
-                    size_order,
-                    view,
-                    checkpoint,
-                    backend_options=options,
-                )
-        except ImporterError as error:  # the state file is locked or unusable
-            _die(error, log_format)
+    configure_logging(log_format, secrets=[token.value], level=level)
+    try:
+        # Opened (and locked) before anything starts, so a refusal is just a message.
+        journal = Journal(settings.state_path or MEMORY)
+    except ImporterError as error:  # the state file is locked or unusable
+        _die(error, log_format)
+    # The view is up only while the run is: messages before and after it print plainly.
+    with journal, view if view is not None else contextlib.nullcontext():
+        if view is not None:
+            configure_logging(log_format, secrets=[token.value], level=level, stream=view.stream)
+        report = anyio.run(
+            _run,
+            loaded,
+            settings,
+            journal,
+            simulate,
+            size_order,
+            view,
+            checkpoint,
+            backend_options=options,
+        )
+    if view is not None:
+        configure_logging(log_format, secrets=[token.value], level=level)
     _finish(report, settings.report_path, outputs, log_format, quiet=quiet)
 
 
