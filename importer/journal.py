@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import sqlite3
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -55,7 +56,13 @@ CREATE TABLE IF NOT EXISTS runs (
     started_at  REAL NOT NULL,
     updated_at  REAL NOT NULL,
     ended       INTEGER NOT NULL DEFAULT 0,
-    report      TEXT NOT NULL
+    header      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS run_images (
+    run_id      INTEGER NOT NULL,
+    idx         INTEGER NOT NULL,
+    image       TEXT NOT NULL,
+    PRIMARY KEY (run_id, idx)
 );
 """
 #: Runs whose record is kept (``importer status`` shows the last one).
@@ -100,7 +107,7 @@ class EntryState:
 
 @dataclass(frozen=True)
 class RunRecord:
-    """What the journal holds of one run: its report as last recorded."""
+    """What the journal holds of one run: its report as last recorded, in pieces."""
 
     run_id: int
     started_at: float
@@ -108,8 +115,10 @@ class RunRecord:
     updated_at: float
     #: Whether the run recorded its end; if not, it is still running, or was killed.
     ended: bool
-    #: The report's JSON text, as the run wrote it then.
-    report: str
+    #: The report's JSON text without its images (the run's own fields).
+    header: str
+    #: Each image's JSON text, in manifest order.
+    images: tuple[str, ...]
 
 
 class Journal:
@@ -210,12 +219,16 @@ class Journal:
             return None
         if row is None:
             return None
+        images = self._db.execute(
+            "SELECT image FROM run_images WHERE run_id=? ORDER BY idx", (row["id"],)
+        )
         return RunRecord(
             run_id=row["id"],
             started_at=row["started_at"],
             updated_at=row["updated_at"],
             ended=bool(row["ended"]),
-            report=row["report"],
+            header=row["header"],
+            images=tuple(image["image"] for image in images.fetchall()),
         )
 
     # -- writing --------------------------------------------------------------------
@@ -289,22 +302,59 @@ class Journal:
             (tag, name, region, outcome, error, now, now),
         )
 
-    def run_started(self, report: str, now: float) -> int:
-        """Record a run that starts (its report so far); returns the run's id."""
-        cursor = self._db.execute(
-            "INSERT INTO runs(started_at, updated_at, report) VALUES (?, ?, ?)", (now, now, report)
-        )
-        run_id = cursor.lastrowid
-        assert run_id is not None
-        self._db.execute("DELETE FROM runs WHERE id <= ?", (run_id - _RUNS_KEPT,))
+    def run_started(self, header: str, images: Iterable[tuple[int, str]], now: float) -> int:
+        """Record a run that starts: its report's own fields, and every image's row by index.
+
+        Returns the run's id. Older runs beyond the last few are forgotten.
+        """
+        with self._transaction():
+            cursor = self._db.execute(
+                "INSERT INTO runs(started_at, updated_at, header) VALUES (?, ?, ?)",
+                (now, now, header),
+            )
+            run_id = cursor.lastrowid
+            assert run_id is not None
+            self._db.executemany(
+                "INSERT INTO run_images(run_id, idx, image) VALUES (?, ?, ?)",
+                ((run_id, index, image) for index, image in images),
+            )
+            self._db.execute("DELETE FROM runs WHERE id <= ?", (run_id - _RUNS_KEPT,))
+            self._db.execute("DELETE FROM run_images WHERE run_id <= ?", (run_id - _RUNS_KEPT,))
         return run_id
 
-    def run_recorded(self, run_id: int, report: str, now: float, *, ended: bool) -> None:
-        """The run's report as it stands now; ``ended`` once the run is over."""
-        self._db.execute(
-            "UPDATE runs SET report=?, updated_at=?, ended=? WHERE id=?",
-            (report, now, int(ended), run_id),
-        )
+    def run_recorded(
+        self,
+        run_id: int,
+        header: str,
+        images: Iterable[tuple[int, str]],
+        now: float,
+        *,
+        ended: bool,
+    ) -> None:
+        """The run's own fields now, and the rows of the images that changed since the last record.
+
+        One transaction: a reader sees the record before or after, never half of it.
+        ``ended`` once the run is over.
+        """
+        with self._transaction():
+            self._db.execute(
+                "UPDATE runs SET header=?, updated_at=?, ended=? WHERE id=?",
+                (header, now, int(ended), run_id),
+            )
+            self._db.executemany(
+                "INSERT OR REPLACE INTO run_images(run_id, idx, image) VALUES (?, ?, ?)",
+                ((run_id, index, image) for index, image in images),
+            )
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def _update(self, tag: str, now: float, assignments: str, *values: object) -> None:
         self._db.execute(

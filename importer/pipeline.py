@@ -142,6 +142,9 @@ class Importer:
         self.stopping = anyio.Event()
         #: Entries by progress label, kept as they change (see :mod:`importer.progress`).
         self.tally = Tally({index: _label(p) for index, p in self._progress.items()})
+        #: Entries whose result changed since :meth:`changed_results` last asked (at
+        #: first, all of them).
+        self._changed: set[int] = set(self._progress)
 
     # -- running ------------------------------------------------------------------
 
@@ -378,8 +381,10 @@ class Importer:
 
     def _update(self, item: PlannedImport, **changes: object) -> None:
         progress = self._progress[item.index]
+        before = progress.result
         progress.result = replace(progress.result, **changes)  # type: ignore[arg-type]
-        self.tally.move(item.index, _label(progress))
+        if progress.result != before:  # every status check updates, few change anything
+            self._note(item.index)
 
     def _finish(self, item: PlannedImport, outcome: Outcome, *, error: str | None = None) -> None:
         progress = self._progress[item.index]
@@ -389,7 +394,7 @@ class Importer:
         self._journal.finished(
             item.tag, item.entry.name, item.entry.region, outcome.value, error, now
         )
-        self.tally.move(item.index, _label(progress))
+        self._note(item.index)
         if not outcome.is_success:
             self.tally.failed(progress.result)
 
@@ -406,7 +411,12 @@ class Importer:
             duplicates_deleted=state.duplicates,
         )
         progress.done = True
-        self.tally.move(item.index, _label(progress))
+        self._note(item.index)
+
+    def _note(self, index: int) -> None:
+        """Entry ``index`` changed: count it anew, and record it at the next checkpoint."""
+        self.tally.move(index, _label(self._progress[index]))
+        self._changed.add(index)
 
     def _finish_unfinished(self) -> None:
         """What a stopped run reports of the entries it did not finish: the journal's word."""
@@ -432,6 +442,7 @@ class Importer:
                     progress.result, outcome=Outcome.PENDING, error=UNKNOWN_CREATE
                 )
             self.tally.move(item.index, progress.result.outcome.value)
+            self._changed.add(item.index)
 
     async def _report_progress(self) -> None:
         while True:
@@ -449,12 +460,18 @@ class Importer:
 
     def interim_results(self) -> tuple[ImageResult, ...]:
         """:meth:`results` while the run goes on: an image being imported is ``pending``."""
-        return tuple(
-            replace(p.result, outcome=Outcome.PENDING)
-            if not p.done and p.result.image_id is not None
-            else p.result
-            for p in (self._progress[index] for index in sorted(self._progress))
-        )
+        return tuple(_interim(self._progress[index]) for index in sorted(self._progress))
+
+    def changed_results(self) -> tuple[ImageResult, ...]:
+        """The interim results of the entries that changed since the last call."""
+        changed, self._changed = sorted(self._changed), set()
+        return tuple(_interim(self._progress[index]) for index in changed)
+
+
+def _interim(progress: _Progress) -> ImageResult:
+    if not progress.done and progress.result.image_id is not None:
+        return replace(progress.result, outcome=Outcome.PENDING)
+    return progress.result
 
 
 #: What a stopped run says of a create whose answer it never learned.
@@ -538,8 +555,8 @@ async def run_import(
                     set=manifest.set,
                 )
 
-            def interim() -> Report:
-                return report(importer.interim_results(), importer.stopped or RUNNING)
+            def interim(images: tuple[ImageResult, ...]) -> Report:
+                return report(images, importer.stopped or RUNNING)
 
             if on_start is not None:
                 on_start(
@@ -556,31 +573,49 @@ async def run_import(
                         started,
                     )
                 )
-            run_id = journal.run_started(_compact(interim()), clock.wall())
-            async with anyio.create_task_group() as checkpoints:
-                checkpoints.start_soon(
-                    _checkpoints, importer, clock, journal, run_id, interim, on_checkpoint
+            run_id = journal.run_started(
+                _compact(interim(())), _rows(importer.changed_results()), clock.wall()
+            )
+
+            def checkpoint() -> None:
+                # The journal gets the entries that changed (a 10,000-entry run costs
+                # little each minute); the caller's outputs are whole files, rewritten.
+                journal.run_recorded(
+                    run_id,
+                    _compact(interim(())),
+                    _rows(importer.changed_results()),
+                    clock.wall(),
+                    ended=False,
                 )
+                if on_checkpoint is not None:
+                    on_checkpoint(interim(importer.interim_results()))
+
+            async with anyio.create_task_group() as checkpoints:
+                checkpoints.start_soon(_checkpoints, importer, clock, checkpoint)
                 await importer.run(stopper)
                 checkpoints.cancel_scope.cancel()
             final = report(importer.results(), importer.stopped)
-            journal.run_recorded(run_id, _compact(final), clock.wall(), ended=True)
+            journal.run_recorded(
+                run_id, _compact(replace(final, images=())), _rows(final.images), clock.wall(),
+                ended=True,
+            )  # fmt: skip
     return final
 
 
 def _compact(report: Report) -> str:
-    """The report as the journal keeps it: the JSON of the file, without the indentation."""
+    """JSON as the journal keeps it: the report file's, without the indentation.
+
+    The run's own fields are kept apart from its images (with ``images=()``: then
+    the summary counts nothing, and the reader counts the images it reassembles).
+    """
     return json.dumps(report.to_json(), separators=(",", ":"))
 
 
-async def _checkpoints(
-    importer: Importer,
-    clock: Clock,
-    journal: Journal,
-    run_id: int,
-    interim: Callable[[], Report],
-    on_checkpoint: Callable[[Report], None] | None,
-) -> None:
+def _rows(images: Sequence[ImageResult]) -> list[tuple[int, str]]:
+    return [(image.index, json.dumps(image.to_json(), separators=(",", ":"))) for image in images]
+
+
+async def _checkpoints(importer: Importer, clock: Clock, checkpoint: Callable[[], None]) -> None:
     """Record the report every :data:`CHECKPOINT_INTERVAL`, and once when the run starts stopping.
 
     A killed run then leaves a report minutes old in the journal and the outputs;
@@ -593,7 +628,4 @@ async def _checkpoints(
                 await anyio.sleep_forever()
             await importer.stopping.wait()
             stop_recorded = True
-        report = interim()
-        journal.run_recorded(run_id, _compact(report), clock.wall(), ended=False)
-        if on_checkpoint is not None:
-            on_checkpoint(report)
+        checkpoint()

@@ -29,7 +29,9 @@ def last_report(state: Path) -> Report:
                 f"{state} holds no recorded run (runs record themselves since this version); "
                 "run `importer run` with this --state first"
             )
-        report = Report.from_json(json.loads(record.report))
+        data = json.loads(record.header)
+        data["images"] = [json.loads(image) for image in record.images]
+        report = Report.from_json(data)
         if record.ended:
             return report
         newer = {row.tag: row for row in journal.changed_since(record.updated_at)}

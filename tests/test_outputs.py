@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import replace
@@ -20,6 +19,7 @@ from importer.outputs import Outputs, junit_xml, markdown, metrics
 from importer.pipeline import CHECKPOINT_INTERVAL, run_import
 from importer.report import RUNNING, ImageResult, Outcome, Report
 from importer.simulator import SimulatorConfig, run_simulator
+from importer.status import last_report
 from tests.helpers import image_urls, manifest_of, settings_for
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
@@ -325,4 +325,4 @@ async def test_report_is_recorded_every_minute_and_at_the_stop(tmp_path: Path) -
         record = journal.last_run()
     assert record is not None
     assert record.ended
-    assert json.loads(record.report) == final.to_json()
+    assert last_report(state).to_json() == final.to_json()

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -60,12 +61,12 @@ async def test_status_follows_rows_newer_than_the_last_record(tmp_path: Path) ->
         record = journal.last_run()
         assert record is not None
         # As if the run had been killed after recording this, with nothing finished yet...
-        interim = replace(
-            Report.from_json(json.loads(record.report)),
-            stopped=RUNNING,
-            images=tuple(replace(r, outcome=Outcome.NOT_SUBMITTED) for r in report.images),
-        )
-        journal.run_recorded(record.run_id, json.dumps(interim.to_json()), recorded, ended=False)
+        header = json.dumps(replace(report, images=(), stopped=RUNNING).to_json())
+        rows = [
+            (r.index, json.dumps(replace(r, outcome=Outcome.NOT_SUBMITTED).to_json()))
+            for r in report.images
+        ]
+        journal.run_recorded(record.run_id, header, rows, recorded, ended=False)
         # ...and had then written three rows.
         journal.finished(plan[0].tag, "img-0", "nyc3", "failed", "it broke", later)
         journal.creating(plan[1].tag, "img-1", "nyc3", later)
@@ -114,6 +115,7 @@ def test_status_reads_while_a_run_holds_the_state(tmp_path: Path) -> None:
                     finished_at=60.0, images=(), requests=3, rate_limited=0, stopped=RUNNING,
                 ).to_json()
             ),
+            [],
             0.0,
         )  # fmt: skip
         code, out, _ = invoke("status", "--state", str(state), "--report", "-")
@@ -180,3 +182,31 @@ def _settled(report_path: Path) -> bool:
         return False
     outcomes = [image["outcome"] for image in report["images"]]
     return report["stopped"] == RUNNING and outcomes[:2] == ["available", "failed"]
+
+
+@pytest.mark.anyio
+async def test_each_minute_records_only_the_entries_that_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """30 entries: all at the start and the end; each minute between, only those that changed."""
+    recorded: list[tuple[int, bool]] = []
+    real = Journal.run_recorded
+
+    def spy(self: Journal, run_id: int, header: str, images: Any, now: float, **kw: Any) -> None:
+        rows = list(images)
+        recorded.append((len(rows), kw["ended"]))
+        real(self, run_id, header, rows, now, **kw)
+
+    monkeypatch.setattr(Journal, "run_recorded", spy)
+    config = SimulatorConfig.demo(new_seconds=100.0, pending_seconds=400.0, duration_noise=0.0)
+    async with run_simulator(config) as sim:
+        settings = settings_for(sim.base_url, first_poll=30.0, poll_interval=20.0)
+        report = await run_import(manifest_of(*image_urls(30)), settings)
+    assert {r.outcome for r in report.images} == {Outcome.AVAILABLE}
+    rows = [count for count, ended in recorded if not ended]
+    # The first minute submits all 30; then only the few read by id while pending change
+    # (listings do not show importing images here), and most minutes change nothing.
+    assert rows[0] == 30
+    assert sum(rows[1:]) <= 10
+    assert rows.count(0) >= 3
+    assert recorded[-1] == (30, True)
