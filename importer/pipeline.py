@@ -13,7 +13,10 @@ written: images already submitted are ``pending`` (with their ids), the rest
 
 Never a duplicate: a create whose answer is lost is not sent again blindly. The
 entry becomes *uncertain*, and the importer looks for the image by the entry's
-tag before it sends another create (see :meth:`Importer._reconcile`).
+tag before it sends another create (see :mod:`importer.reconcile`).
+
+Each entry's state lives in its :class:`~importer.lifecycle.EntryLifecycle`;
+this module only orchestrates.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import contextlib
 import random
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
 
 import aiohttp
 import anyio
@@ -42,12 +44,13 @@ from importer.errors import (
 )
 from importer.governor import Governor, Window
 from importer.journal import MEMORY, EntryState, Journal, Phase
+from importer.lifecycle import EntryLifecycle, State, Turn
 from importer.manifest import Manifest
 from importer.plan import GROUP_TAG_PREFIX, PlannedImport, make_plan
 from importer.poller import StatusPoller
 from importer.reconcile import Reconciler
 from importer.redact import redact_text
-from importer.report import ImageResult, Outcome, Report
+from importer.report import ImageResult, Report
 from importer.settings import Settings
 from importer.sizing import HeadSizer
 
@@ -72,28 +75,12 @@ class Stopper:
         return self.reason
 
 
-class _Turn:
-    """One entry's turn to submit, handed back exactly once."""
-
-    def __init__(self, semaphore: anyio.Semaphore | None) -> None:
-        self._semaphore = semaphore
-
-    def done(self) -> None:
-        if self._semaphore is not None:
-            self._semaphore.release()
-            self._semaphore = None
-
-
-@dataclass
-class _Progress:
-    """What is known of one entry so far (mutable: only the run touches it)."""
-
-    result: ImageResult
-    done: bool = False
-
-
 class Importer:
-    """Runs one plan against one API; :meth:`run` once, then :meth:`results`."""
+    """Runs one plan against one API; :meth:`run` once, then :meth:`results`.
+
+    Orchestration only: what to do next for each entry. What happened is recorded
+    by the entry's :class:`~importer.lifecycle.EntryLifecycle`.
+    """
 
     def __init__(
         self,
@@ -111,17 +98,8 @@ class Importer:
         self._clock = clock
         self._settings = settings
         self._log: Log = structlog.get_logger("importer.pipeline")
-        self._progress = {
-            item.index: _Progress(
-                ImageResult(
-                    index=item.index,
-                    name=item.entry.name,
-                    region=item.entry.region,
-                    tag=item.tag,
-                    outcome=Outcome.NOT_SUBMITTED,
-                )
-            )
-            for item in self._plan
+        self._entries = {
+            item.index: EntryLifecycle(item, journal, clock, self._log) for item in self._plan
         }
         self._reconciler = Reconciler(
             client,
@@ -153,18 +131,20 @@ class Importer:
                 async with anyio.create_task_group() as images:
                     # Entries an earlier run submitted or finished need no turn.
                     to_submit = []
-                    for item in self._plan:
-                        state = self._journal.get(item.tag)
-                        if state is not None and state.phase in (Phase.SUBMITTED, Phase.FINISHED):
-                            images.start_soon(self._import_one, item, _Turn(None))
+                    for entry in self._entries.values():
+                        row = entry.row()
+                        if row is not None and row.phase in (Phase.SUBMITTED, Phase.FINISHED):
+                            images.start_soon(self._import_one, entry, Turn())
                         else:
-                            to_submit.append(item)
-                    for item in to_submit:
+                            to_submit.append(entry)
+                    for entry in to_submit:
                         await turns.acquire()
-                        images.start_soon(self._import_one, item, _Turn(turns))
+                        images.start_soon(self._import_one, entry, Turn(turns))
             outer.cancel_scope.cancel()
-        self._finish_unfinished()
-        counts = Counter(p.result.outcome.value for p in self._progress.values())
+        for entry in self._entries.values():
+            if not entry.done:
+                entry.stopped()
+        counts = Counter(entry.result.outcome.value for entry in self._entries.values())
         self._log.info("run.finished", stopped=self.stopped, **counts)
 
     def stop(self, reason: str) -> None:
@@ -182,58 +162,56 @@ class Importer:
         await self._clock.sleep(seconds)
         self.stop("deadline")
 
-    async def _import_one(self, item: PlannedImport, turn: _Turn) -> None:
+    async def _import_one(self, entry: EntryLifecycle, turn: Turn) -> None:
+        entry.take_turn(turn)
         try:
-            await self._import(item, turn)
+            await self._import(entry)
         finally:
-            turn.done()
+            entry.close()
 
-    async def _import(self, item: PlannedImport, turn: _Turn) -> None:
-        log = self._log.bind(index=item.index, name=item.entry.name, region=item.entry.region)
-        state = self._journal.get(item.tag)
-        if state is not None and state.phase is Phase.FINISHED:
-            self._restore(item, state)
-            log.info("image.resumed", outcome=state.outcome, image_id=state.image_id)
+    async def _import(self, entry: EntryLifecycle) -> None:
+        row = entry.row()
+        if row is not None and row.phase is Phase.FINISHED:
+            entry.restored(row)
             return
         try:
-            submitted = await self._ensure_submitted(item, state, log, turn)
+            submitted = await self._ensure_submitted(entry, row)
             if submitted is None:
                 return
             image_id, fresh, group = submitted
-            final = await self._wait_for(item, image_id, fresh, group, log)
-            if self._journal_uncertain(item) > 0:
+            final = await self._wait_for(entry, image_id, fresh, group)
+            if self._uncertain_creates(entry) > 0:
                 # Whatever the outcome, the entry must not end with a second live image.
-                deleted = await self._reconciler.sweep(item, keep=image_id, log=log)
-                self._update(item, duplicates_deleted=deleted)
+                deleted = await self._reconciler.sweep(entry.item, keep=image_id, log=entry.log)
+                entry.duplicates_deleted(deleted)
             if final is None:
-                self._finish(item, Outcome.TIMED_OUT, error="timed out waiting for the import")
-                log.warning(
-                    "image.timed_out", image_id=image_id, timeout=self._settings.image_timeout
-                )
+                entry.timed_out(self._settings.image_timeout)
+            elif final.is_available:
+                entry.available(final)
             else:
-                self._finished_with(item, final, log)
+                error = redact_text(final.error_message) or f"the image turned {final.status}"
+                entry.failed(error, final)
         except AuthenticationError as exc:
-            self._fail_run(item, "authentication_failed", exc)
+            self._fail_run(entry, "authentication_failed", exc)
         except ApiUnreachableError as exc:
-            self._fail_run(item, "api_unreachable", exc)
+            self._fail_run(entry, "api_unreachable", exc)
         except ApiError as exc:
             # Polling gave up on this image (e.g. it vanished), or an answer no rule
             # foresaw: this image's failure, not the run's.
-            self._finish(item, Outcome.FAILED, error=exc.safe_message)
-            log.warning("image.failed", error=exc.safe_message)
+            entry.failed(exc.safe_message)
 
     async def _wait_for(
-        self, item: PlannedImport, image_id: int, fresh: bool, group: str, log: Log
+        self, entry: EntryLifecycle, image_id: int, fresh: bool, group: str
     ) -> Image | None:
         """The image once it finished, or ``None`` at its timeout (counted from submission)."""
-        submitted_at = self._progress[item.index].result.submitted_at
+        submitted_at = entry.result.submitted_at
         elapsed = self._clock.wall() - submitted_at if submitted_at is not None else 0.0
         with anyio.move_on_after(max(0.0, self._settings.image_timeout - elapsed)):
             return await self._poller.wait(
                 image_id,
-                lambda i: self._saw(item, i, log),
+                entry.saw,
                 group=group,
-                size=item.size,
+                size=entry.item.size,
                 submitted_at=submitted_at,
                 fresh=fresh,
             )
@@ -243,196 +221,93 @@ class Importer:
             image = await self._client.get(image_id)
         except (TransientApiError, RateLimitedError):
             return None
-        self._saw(item, image, log)
+        entry.saw(image)
         return image if image.is_available or image.has_failed else None
 
     # -- submitting, without ever making a duplicate --------------------------------
 
     async def _ensure_submitted(
-        self, item: PlannedImport, state: EntryState | None, log: Log, turn: _Turn
+        self, entry: EntryLifecycle, row: EntryState | None
     ) -> tuple[int, bool, str] | None:
         """The entry's image id, creating the image if (and only if) it does not exist.
 
         Also says whether this run created it just now, and the group tag the
-        image carries. ``turn`` is handed back once the first create has an
-        answer (or none is needed), so that the next entry may start.
+        image carries. ``None`` when the entry ended without an image.
         """
-        if state is not None and state.phase is Phase.SUBMITTED and state.image_id is not None:
-            turn.done()
-            self._update(
-                item, image_id=state.image_id, status=state.status, submitted_at=state.submitted_at
-            )
-            log.info("image.resumed", image_id=state.image_id, status=state.status)
-            return state.image_id, False, state.group or item.group
-        uncertain = state is not None and state.phase is Phase.CREATING
-        if state is not None and uncertain and state.uncertain < state.creates_sent:
-            # A previous run sent a create and was stopped (or killed) before it
-            # learned the outcome: count that create as uncertain, once.
-            self._journal.uncertain(item.tag, self._clock.wall())
-        creates = self._journal_uncertain(item)
+        item = entry.item
+        if row is not None and row.phase is Phase.SUBMITTED and row.image_id is not None:
+            entry.resumed(row)
+            return row.image_id, False, row.group or item.group
+        if row is not None and row.phase is Phase.CREATING:
+            entry.resumed_uncertain(row)
+        creates = self._uncertain_creates(entry)
         while True:
-            if uncertain:
-                turn.done()  # reconciling may take long; let the next entry go
-                found = await self._reconciler.find(item, log)
-                self._update(item, duplicates_deleted=self._journal_duplicates(item))
+            if entry.state is State.UNCERTAIN:
+                found = await self._reconciler.find(item, entry.log)
+                entry.duplicates_deleted(self._journal_duplicates(entry))
                 if found is not None:
                     group = next(
                         (t for t in found.tags or () if t.startswith(GROUP_TAG_PREFIX)), item.group
                     )
-                    return self._submitted(item, found, log, adopted=True), False, group
+                    entry.adopted(found)
+                    return found.id, False, group
             if creates >= self._settings.max_creates:
-                error = f"gave up after {creates} creates whose outcome stayed unknown"
-                self._finish(item, Outcome.FAILED, error=error)
-                log.error("image.abandoned", creates=creates)
+                entry.abandoned(creates)
                 return None
             creates += 1
             try:
                 image = await self._client.create(
-                    item.create_request(),
-                    on_send=lambda: self._journal.creating(
-                        item.tag,
-                        item.entry.name,
-                        item.entry.region,
-                        self._clock.wall(),
-                        group=item.group,
-                    ),
-                    on_not_sent=lambda: self._journal.not_sent(item.tag),
+                    item.create_request(), on_send=entry.sending, on_not_sent=entry.not_sent
                 )
             except RateLimitedError as exc:
                 # Never processed, so never created: the entry stays to be submitted.
-                turn.done()
-                self._update(item, error=exc.safe_message)
-                log.warning("image.not_submitted", error=exc.safe_message)
+                entry.not_submitted(exc.safe_message)
                 return None
             except RejectedError as exc:
-                turn.done()
-                self._finish(item, Outcome.REJECTED, error=exc.safe_message)
-                log.warning("image.rejected", status=exc.status, error=exc.safe_message)
+                entry.rejected(exc.safe_message, exc.status)
                 return None
             except UncertainCreateError as exc:
-                turn.done()
-                self._journal.uncertain(item.tag, self._clock.wall())
-                log.warning("image.uncertain", error=exc.safe_message, creates=creates)
-                uncertain = True
+                entry.uncertain(exc.safe_message, creates)
                 continue
-            turn.done()
-            return self._submitted(item, image, log, adopted=False), True, item.group
+            entry.submitted(image)
+            return image.id, True, item.group
 
-    def _journal_uncertain(self, item: PlannedImport) -> int:
-        state = self._journal.get(item.tag)
-        return state.uncertain if state is not None else 0
+    def _uncertain_creates(self, entry: EntryLifecycle) -> int:
+        row = entry.row()
+        return row.uncertain if row is not None else 0
 
-    def _journal_duplicates(self, item: PlannedImport) -> tuple[int, ...]:
-        state = self._journal.get(item.tag)
-        return state.duplicates if state is not None else ()
-
-    def _submitted(self, item: PlannedImport, image: Image, log: Log, *, adopted: bool) -> int:
-        now = self._clock.wall()
-        self._journal.submitted(item.tag, image.id, image.status, now)
-        self._update(item, image_id=image.id, status=image.status, submitted_at=now)
-        log.info("image.adopted" if adopted else "image.submitted", image_id=image.id, tag=item.tag)
-        return image.id
+    def _journal_duplicates(self, entry: EntryLifecycle) -> tuple[int, ...]:
+        row = entry.row()
+        return row.duplicates if row is not None else ()
 
     def _importing_group(self) -> str | None:
         for item in self._plan:
-            result = self._progress[item.index].result
+            result = self._entries[item.index].result
             if result.image_id is not None and result.status in ("NEW", "pending"):
                 return item.group
         return None
 
-    # -- watching -------------------------------------------------------------------
-
-    def _saw(self, item: PlannedImport, image: Image, log: Log) -> None:
-        if self._progress[item.index].result.status != image.status:
-            log.info("image.status", image_id=image.id, status=image.status)
-            self._journal.status(item.tag, image.status, self._clock.wall())
-        self._update(item, status=image.status)
-
-    def _finished_with(self, item: PlannedImport, image: Image, log: Log) -> None:
-        if image.is_available:
-            self._finish(item, Outcome.AVAILABLE)
-            log.info("image.available", image_id=image.id)
-        else:
-            error = redact_text(image.error_message) or f"the image turned {image.status}"
-            self._finish(item, Outcome.FAILED, error=error)
-            log.warning("image.failed", image_id=image.id, status=image.status, error=error)
-
-    def _fail_run(self, item: PlannedImport, reason: str, exc: ApiError) -> None:
+    def _fail_run(self, entry: EntryLifecycle, reason: str, exc: ApiError) -> None:
         self._log.error(f"run.{reason}", error=str(exc))
-        self._update(item, error=exc.safe_message)
+        entry.note_error(exc.safe_message)
         self.stop(reason)
 
-    # -- bookkeeping --------------------------------------------------------------
-
-    def _update(self, item: PlannedImport, **changes: object) -> None:
-        progress = self._progress[item.index]
-        progress.result = replace(progress.result, **changes)  # type: ignore[arg-type]
-
-    def _finish(self, item: PlannedImport, outcome: Outcome, *, error: str | None = None) -> None:
-        progress = self._progress[item.index]
-        now = self._clock.wall()
-        progress.result = replace(progress.result, outcome=outcome, error=error, finished_at=now)
-        progress.done = True
-        self._journal.finished(
-            item.tag, item.entry.name, item.entry.region, outcome.value, error, now
-        )
-
-    def _restore(self, item: PlannedImport, state: EntryState) -> None:
-        progress = self._progress[item.index]
-        progress.result = replace(
-            progress.result,
-            outcome=Outcome(state.outcome or Outcome.FAILED),
-            image_id=state.image_id,
-            status=state.status,
-            error=state.error,
-            submitted_at=state.submitted_at,
-            finished_at=state.finished_at,
-            duplicates_deleted=state.duplicates,
-        )
-        progress.done = True
-
-    def _finish_unfinished(self) -> None:
-        """What a stopped run reports of the entries it did not finish: the journal's word."""
-        for item in self._plan:
-            progress = self._progress[item.index]
-            if progress.done:
-                continue
-            state = self._journal.get(item.tag)
-            if state is None:
-                continue  # not_submitted, with the reason if there is one
-            if state.phase is Phase.FINISHED:
-                self._restore(item, state)
-            elif state.phase is Phase.SUBMITTED:
-                progress.result = replace(
-                    progress.result,
-                    outcome=Outcome.PENDING,
-                    image_id=state.image_id,
-                    status=state.status,
-                    submitted_at=state.submitted_at,
-                )
-            else:
-                error = "the create's outcome is not known yet; a run with the same state finds out"
-                progress.result = replace(progress.result, outcome=Outcome.PENDING, error=error)
+    # -- reporting ------------------------------------------------------------------
 
     async def _report_progress(self) -> None:
         while True:
             await self._clock.sleep(self._settings.progress_interval)
-            counts = Counter(
-                p.result.outcome.value
-                if p.done
-                else ("importing" if p.result.image_id is not None else "queued")
-                for p in self._progress.values()
-            )
+            counts = Counter(entry.progress_label for entry in self._entries.values())
             self._log.info(
                 "run.progress",
-                total=len(self._progress),
+                total=len(self._entries),
                 requests=self._client.requests_sent,
                 **counts,
             )
 
     def results(self) -> tuple[ImageResult, ...]:
         """One result per entry, in manifest order."""
-        return tuple(self._progress[index].result for index in sorted(self._progress))
+        return tuple(self._entries[index].result for index in sorted(self._entries))
 
 
 async def run_import(
