@@ -29,7 +29,7 @@ from types import TracebackType
 from importer.errors import ImporterError, StateLockedError
 
 MEMORY = ":memory:"
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     tag           TEXT PRIMARY KEY,
@@ -47,10 +47,14 @@ CREATE TABLE IF NOT EXISTS entries (
     first_sent_at REAL,
     submitted_at  REAL,
     finished_at   REAL,
-    updated_at    REAL
+    updated_at    REAL,
+    version       TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+#: Schema 1 (before versions): its rows are keyed by tags of the URL-based identity,
+#: which no entry has any more; they are kept, and never match.
+_MIGRATIONS = {1: "ALTER TABLE entries ADD COLUMN version TEXT"}
 
 
 class Phase(StrEnum):
@@ -87,6 +91,9 @@ class EntryState:
     first_sent_at: float | None
     submitted_at: float | None
     finished_at: float | None
+    #: The version tag of the source this row's creates were for
+    #: (:func:`importer.identity.version_tag`); a row of another version is history.
+    version: str | None = None
 
 
 class StateFileError(ImporterError):
@@ -126,7 +133,12 @@ class Journal:
                 "INSERT INTO meta(key, value) VALUES ('schema', ?)", (str(_SCHEMA_VERSION),)
             )
         elif row[0] != str(_SCHEMA_VERSION):
-            raise sqlite3.DatabaseError(f"schema version {row[0]}, expected {_SCHEMA_VERSION}")
+            found = int(row[0]) if row[0].isdigit() else -1
+            if found not in _MIGRATIONS:
+                raise sqlite3.DatabaseError(f"schema version {row[0]}, expected {_SCHEMA_VERSION}")
+            for version in range(found, _SCHEMA_VERSION):
+                self._db.execute(_MIGRATIONS[version])
+            self._db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(_SCHEMA_VERSION),))
 
     # -- reading --------------------------------------------------------------------
 
@@ -134,7 +146,7 @@ class Journal:
         row = self._db.execute(
             "SELECT tag, name, region, group_tag, phase, image_id, status, outcome, error,"
             " creates_sent,"
-            " uncertain, duplicates, first_sent_at, submitted_at, finished_at"
+            " uncertain, duplicates, first_sent_at, submitted_at, finished_at, version"
             " FROM entries WHERE tag = ?",
             (tag,),
         ).fetchone()
@@ -156,23 +168,64 @@ class Journal:
             first_sent_at=row[12],
             submitted_at=row[13],
             finished_at=row[14],
+            version=row[15],
         )
 
     # -- writing --------------------------------------------------------------------
 
     def creating(
-        self, tag: str, name: str, region: str, now: float, group: str | None = None
+        self,
+        tag: str,
+        name: str,
+        region: str,
+        now: float,
+        group: str | None = None,
+        version: str | None = None,
     ) -> None:
-        """A create for ``tag`` is about to leave: from here on it may exist."""
+        """A create for ``tag`` is about to leave: from here on it may exist.
+
+        A row about another version is history: it starts afresh.
+        """
         self._db.execute(
             "INSERT INTO entries(tag, name, region, group_tag, phase, creates_sent,"
-            " first_sent_at, updated_at) VALUES (?, ?, ?, ?, 'creating', 1, ?, ?)"
+            " first_sent_at, updated_at, version) VALUES (?, ?, ?, ?, 'creating', 1, ?, ?, ?)"
             " ON CONFLICT(tag) DO UPDATE SET phase='creating', image_id=NULL, status=NULL,"
-            " outcome=NULL, error=NULL, creates_sent=creates_sent+1,"
+            " outcome=NULL, error=NULL, finished_at=NULL,"
             " group_tag=COALESCE(excluded.group_tag, group_tag),"
-            " first_sent_at=COALESCE(first_sent_at, excluded.first_sent_at),"
+            " creates_sent=CASE WHEN version IS excluded.version THEN creates_sent+1 ELSE 1 END,"
+            " uncertain=CASE WHEN version IS excluded.version THEN uncertain ELSE 0 END,"
+            " duplicates=CASE WHEN version IS excluded.version THEN duplicates ELSE '[]' END,"
+            " submitted_at=CASE WHEN version IS excluded.version THEN submitted_at ELSE NULL END,"
+            " first_sent_at=CASE WHEN version IS excluded.version"
+            "   THEN COALESCE(first_sent_at, excluded.first_sent_at)"
+            "   ELSE excluded.first_sent_at END,"
+            " version=excluded.version, updated_at=excluded.updated_at",
+            (tag, name, region, group, now, now, version),
+        )
+
+    def watching(
+        self,
+        tag: str,
+        name: str,
+        region: str,
+        image_id: int,
+        status: str,
+        *,
+        submitted_at: float,
+        now: float,
+        group: str | None,
+        version: str | None,
+    ) -> None:
+        """An image an earlier run created (found in the account) is watched as the entry's."""
+        self._db.execute(
+            "INSERT INTO entries(tag, name, region, group_tag, phase, image_id, status,"
+            " submitted_at, updated_at, version) VALUES (?, ?, ?, ?, 'submitted', ?, ?, ?, ?, ?)"
+            " ON CONFLICT(tag) DO UPDATE SET phase='submitted', image_id=excluded.image_id,"
+            " status=excluded.status, outcome=NULL, error=NULL, finished_at=NULL,"
+            " group_tag=COALESCE(excluded.group_tag, group_tag),"
+            " submitted_at=excluded.submitted_at, version=excluded.version,"
             " updated_at=excluded.updated_at",
-            (tag, name, region, group, now, now),
+            (tag, name, region, group, image_id, status, submitted_at, now, version),
         )
 
     def not_sent(self, tag: str) -> None:
@@ -219,14 +272,20 @@ class Journal:
         outcome: str,
         error: str | None,
         now: float,
+        *,
+        image_id: int | None = None,
+        version: str | None = None,
     ) -> None:
+        """The entry's outcome; ``image_id``/``version`` fill a row this run had not written."""
         self._db.execute(
-            "INSERT INTO entries(tag, name, region, phase, outcome, error, finished_at, updated_at)"
-            " VALUES (?, ?, ?, 'finished', ?, ?, ?, ?)"
+            "INSERT INTO entries(tag, name, region, phase, outcome, error, finished_at,"
+            " updated_at, image_id, version) VALUES (?, ?, ?, 'finished', ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT(tag) DO UPDATE SET phase='finished', outcome=excluded.outcome,"
             " error=excluded.error, finished_at=excluded.finished_at,"
+            " image_id=COALESCE(excluded.image_id, image_id),"
+            " version=COALESCE(excluded.version, version),"
             " updated_at=excluded.updated_at",
-            (tag, name, region, outcome, error, now, now),
+            (tag, name, region, outcome, error, now, now, image_id, version),
         )
 
     def _update(self, tag: str, now: float, assignments: str, *values: object) -> None:
