@@ -9,10 +9,47 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from importer.catalog import STATUSES
+from importer.manifest import Entry
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    """The body of ``images_create_custom``."""
+
+    name: str
+    url: str
+    region: str
+    distribution: str | None = None
+    description: str | None = None
+    tags: tuple[str, ...] = ()
+
+    @classmethod
+    def from_entry(cls, entry: Entry, extra_tags: tuple[str, ...] = ()) -> CreateRequest:
+        """The create for a manifest entry, carrying ``extra_tags`` after the entry's own."""
+        tags = (*(tag for tag in entry.tags if tag not in extra_tags), *extra_tags)
+        return cls(
+            name=entry.name,
+            url=entry.url,
+            region=entry.region,
+            distribution=entry.distribution,
+            description=entry.description,
+            tags=tags,
+        )
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": self.name, "url": self.url, "region": self.region}
+        if self.distribution:
+            body["distribution"] = self.distribution
+        if self.description:
+            body["description"] = self.description
+        if self.tags:
+            body["tags"] = list(self.tags)
+        return body
 
 
 class Image(BaseModel):
@@ -53,17 +90,6 @@ class ImageEnvelope(BaseModel):
     image: Image
 
 
-class Pages(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
-    next: str | None = None
-    last: str | None = None
-
-
-class Links(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
-    pages: Pages = Field(default_factory=Pages)
-
-
 class Meta(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
     total: int = 0
@@ -72,7 +98,6 @@ class Meta(BaseModel):
 class ImageList(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
     images: tuple[Image, ...]
-    links: Links = Field(default_factory=Links)
     meta: Meta = Field(default_factory=Meta)
 
 

@@ -11,23 +11,30 @@ hierarchy of :mod:`importer.errors`:
   repeat**. A create whose outcome is unknown raises :class:`UncertainCreateError`
   instead: retrying it blindly is how duplicate images are made.
 * any other 4xx -> :class:`RejectedError`, not retried.
+
+A request is counted when it goes out on the wire, and as often as it does: an
+attempt whose connection never opened is no request, and a GET or DELETE that
+aiohttp sends a second time on its own (when the connection breaks under it) is
+two, in the counts and in the governor's budget alike.
 """
 
 from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from types import SimpleNamespace
+from typing import Any, TypeVar, overload
 
 import aiohttp
 import anyio
 import structlog
 from pydantic import BaseModel, ValidationError
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
-from importer.api import ErrorBody, Image, ImageEnvelope, ImageList, RateLimit
+from importer.api import CreateRequest, ErrorBody, Image, ImageEnvelope, ImageList, RateLimit
 from importer.catalog import PER_PAGE_MAX
 from importer.clock import Clock
 from importer.errors import (
@@ -41,44 +48,103 @@ from importer.errors import (
 )
 from importer.governor import Governor, Priority
 from importer.redact import redact_text
-from importer.settings import Settings, Token
+from importer.settings import Settings
 
 _USER_AGENT = "importer/0.1 (+bulk custom image importer)"
 M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
-class CreateRequest:
-    """The body of ``images_create_custom``."""
+class ApiRequest:
+    """One API call: what to send, whether it may be repeated, and who waits for it."""
 
-    name: str
-    url: str
-    region: str
-    distribution: str | None = None
-    description: str | None = None
-    tags: tuple[str, ...] = ()
+    method: str
+    path: str
+    #: The route, for counts, logs and errors: ``/v2/images/{id}``, not the id.
+    template: str
+    params: Mapping[str, str] | None = None
+    body: Mapping[str, Any] | None = None
+    #: Safe to send again when its answer is lost: every request but a create.
+    idempotent: bool = True
+    priority: Priority = Priority.STATUS
+    #: Runs right before each attempt leaves, once the governor has admitted it.
+    on_send: Callable[[], None] | None = None
+    #: Runs when an attempt was certainly not processed (a 429, a 401, nothing sent).
+    on_not_sent: Callable[[], None] | None = None
 
-    def body(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"name": self.name, "url": self.url, "region": self.region}
-        if self.distribution:
-            body["distribution"] = self.distribution
-        if self.description:
-            body["description"] = self.description
-        if self.tags:
-            body["tags"] = list(self.tags)
-        return body
+    @property
+    def endpoint(self) -> str:
+        return f"{self.method} {self.template}"
+
+    @property
+    def context(self) -> dict[str, Any]:
+        """What an error says of the request that failed."""
+        return {"method": self.method, "path": self.template}
 
 
 class _NotSent(TransientApiError):
-    """The connection failed before the request left: safe to repeat, even a create."""
+    """Nothing left (the connection never opened): safe to repeat, even a create."""
 
 
 class _Garbled(TransientApiError):
     """An answer that is not what the API promises (not JSON, missing fields)."""
 
 
+class _Sends:
+    """How many times one attempt went out on the wire.
+
+    aiohttp (3.10 and later) sends a GET or DELETE a second time, on its own, when
+    the connection breaks under it (a dropped or reset connection; there is no
+    public switch to turn this off), and the API counts each send against the
+    budget. Its ``on_request_headers_sent`` trace fires for every send and for
+    nothing else: a connection that never opened has sent nothing.
+    """
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+class _SendTracing(aiohttp.TraceConfig):
+    """Tells each request's :class:`_Sends` when its headers leave, resends included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_request_headers_sent.append(self._headers_sent)
+
+    @staticmethod
+    async def _headers_sent(
+        session: aiohttp.ClientSession,
+        context: SimpleNamespace,
+        params: aiohttp.TraceRequestHeadersSentParams,
+    ) -> None:
+        sends = context.trace_request_ctx
+        if isinstance(sends, _Sends):
+            sends.count += 1
+
+
+@dataclass
+class _Call:
+    """One call's failed attempts so far, by kind: what the retry policy decides on."""
+
+    request: ApiRequest
+    model: type[BaseModel] | None
+    rate_limited: int = 0
+    transient: int = 0
+
+    def failed(self, exc: ApiError) -> None:
+        if isinstance(exc, RateLimitedError):
+            self.rate_limited += 1
+        elif isinstance(exc, TransientApiError):
+            self.transient += 1
+
+
 class ImagesClient:
-    """``create``, ``get``, ``list`` and ``delete`` for custom images."""
+    """``create``, ``get``, ``list`` and ``delete`` for custom images.
+
+    Open one with :meth:`open`: its session must report every send (see :class:`_Sends`).
+    """
 
     def __init__(
         self,
@@ -89,17 +155,51 @@ class ImagesClient:
         *,
         rng: random.Random | None = None,
     ) -> None:
+        if not any(isinstance(config, _SendTracing) for config in session.trace_configs):
+            raise ValueError("the session does not count sends: use ImagesClient.open()")
         self._session = session
         self._settings = settings
         self._base = settings.api_url
-        self._token: Token = settings.token
+        self._headers = {
+            "Authorization": f"Bearer {settings.token.value}",
+            "Content-Type": "application/json",
+            "User-Agent": _USER_AGENT,
+        }
+        self._timeout = aiohttp.ClientTimeout(total=settings.request_timeout)
         self._governor = governor
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._auth_error: AuthenticationError | None = None
         self._log = structlog.get_logger("importer.client")
+        # 429s and 401s are never retried here, and a create never raises a
+        # TransientApiError (its lost answers are UncertainCreateError): so the
+        # exception's type alone says whether to try again.
+        self._retrying = AsyncRetrying(
+            sleep=clock.sleep,
+            stop=self._stop,
+            wait=self._wait,
+            retry=retry_if_exception_type((RateLimitedError, TransientApiError)),
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
         #: Requests actually sent, by ``"METHOD /path-template"``.
         self.sent: Counter[str] = Counter()
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        settings: Settings,
+        governor: Governor,
+        clock: Clock,
+        *,
+        rng: random.Random | None = None,
+    ) -> AsyncIterator[ImagesClient]:
+        """A client on a session of its own (closed on exit), pooled to the concurrency."""
+        connector = aiohttp.TCPConnector(limit=settings.concurrency)
+        tracing: list[aiohttp.TraceConfig] = [_SendTracing()]
+        async with aiohttp.ClientSession(connector=connector, trace_configs=tracing) as session:
+            yield cls(session, settings, governor, clock, rng=rng)
 
     @property
     def requests_sent(self) -> int:
@@ -121,24 +221,22 @@ class ImagesClient:
         runs when an attempt was certainly not processed (a 429, a 401, or a
         connection that never opened).
         """
-        envelope: ImageEnvelope = await self._call(
-            ImageEnvelope,
+        call = ApiRequest(
             "POST",
             "/v2/images",
-            template="/v2/images",
+            "/v2/images",
             body=request.body(),
             idempotent=False,
+            priority=Priority.CREATE,
             on_send=on_send,
             on_not_sent=on_not_sent,
-            priority=Priority.CREATE,
         )
+        envelope: ImageEnvelope = await self._call(call, ImageEnvelope)
         return envelope.image
 
     async def get(self, image_id: int, *, priority: Priority = Priority.STATUS) -> Image:
-        path = f"/v2/images/{image_id}"
-        envelope: ImageEnvelope = await self._call(
-            ImageEnvelope, "GET", path, template="/v2/images/{id}", priority=priority
-        )
+        call = ApiRequest("GET", f"/v2/images/{image_id}", "/v2/images/{id}", priority=priority)
+        envelope: ImageEnvelope = await self._call(call, ImageEnvelope)
         return envelope.image
 
     async def list(
@@ -159,192 +257,182 @@ class ImagesClient:
             params = {"private": "true", "per_page": str(per_page), "page": str(page)}
             if tag_name:
                 params["tag_name"] = tag_name
-            listing: ImageList = await self._call(
-                ImageList,
-                "GET",
-                "/v2/images",
-                template="/v2/images",
-                params=params,
-                priority=priority,
-            )
+            call = ApiRequest("GET", "/v2/images", "/v2/images", params=params, priority=priority)
+            listing: ImageList = await self._call(call, ImageList)
             images.extend(listing.images)
             if not listing.images or len(images) >= listing.meta.total:
                 return images
             page += 1
 
     async def delete(self, image_id: int, *, priority: Priority = Priority.STATUS) -> None:
-        path = f"/v2/images/{image_id}"
-        await self._call(None, "DELETE", path, template="/v2/images/{id}", priority=priority)
+        call = ApiRequest("DELETE", f"/v2/images/{image_id}", "/v2/images/{id}", priority=priority)
+        await self._call(call, None)
 
     # -- plumbing -----------------------------------------------------------------
 
-    async def _call(
-        self,
-        model: type[M] | None,
-        method: str,
-        path: str,
-        *,
-        template: str,
-        params: Mapping[str, str] | None = None,
-        body: Mapping[str, Any] | None = None,
-        idempotent: bool = True,
-        on_send: Callable[[], None] | None = None,
-        on_not_sent: Callable[[], None] | None = None,
-        priority: Priority = Priority.STATUS,
-    ) -> Any:
-        tally: Counter[str] = Counter()
-
-        def retryable(exc: BaseException) -> bool:
-            if isinstance(exc, RateLimitedError | _NotSent):
-                return True
-            return idempotent and isinstance(exc, TransientApiError)
-
-        def stop(state: RetryCallState) -> bool:
-            exc = _exception(state)
-            if isinstance(exc, RateLimitedError):
-                tally["429"] += 1
-                return tally["429"] > self._settings.max_rate_limited
-            tally["transient"] += 1
-            return tally["transient"] >= self._settings.max_attempts
-
-        def wait(state: RetryCallState) -> float:
-            if isinstance(_exception(state), RateLimitedError):
-                return 0.0  # the governor already holds every request until the pause ends
-            cap = self._settings.backoff_initial * 2 ** (tally["transient"] - 1)
-            return self._rng.uniform(0, min(self._settings.backoff_max, cap))
-
-        def before_sleep(state: RetryCallState) -> None:
-            exc = _exception(state)
-            self._log.warning(
-                "request.retry",
-                method=method,
-                path=template,
-                attempt=state.attempt_number,
-                wait=round(state.upcoming_sleep, 3),
-                reason=str(exc),
-            )
-
-        retrying = AsyncRetrying(
-            sleep=self._clock.sleep,
-            stop=stop,
-            wait=wait,
-            retry=retry_if_exception(retryable),
-            before_sleep=before_sleep,
-            reraise=True,
-        )
+    async def _call(self, request: ApiRequest, model: type[BaseModel] | None) -> Any:
+        """The answer to ``request``, sent as often as the retry policy allows."""
+        # A copy per call, as tenacity's own decorator does: the policy object
+        # holds the progress of the call it runs.
+        retrying = self._retrying.copy()
         try:
-            async for attempt in retrying:
-                with attempt:
-                    try:
-                        return await self._send_once(
-                            model,
-                            method,
-                            path,
-                            template,
-                            params,
-                            body,
-                            idempotent,
-                            on_send,
-                            priority,
-                        )
-                    except (RateLimitedError, AuthenticationError, _NotSent):
-                        # Refused or never delivered: certainly not processed.
-                        if on_not_sent is not None:
-                            on_not_sent()
-                        raise
+            return await retrying(self._attempt, _Call(request, model))
         except _NotSent as exc:
-            raise ApiUnreachableError(exc.api_message, method=method, path=template) from None
-        raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
+            raise ApiUnreachableError(exc.api_message, **request.context) from None
 
-    async def _send_once(
-        self,
-        model: type[M] | None,
-        method: str,
-        path: str,
-        template: str,
-        params: Mapping[str, str] | None,
-        body: Mapping[str, Any] | None,
-        idempotent: bool,
-        on_send: Callable[[], None] | None,
-        priority: Priority,
-    ) -> Any:
-        context: dict[str, Any] = {"method": method, "path": template}
-        async with self._governor.slot(priority):
+    async def _attempt(self, call: _Call) -> Any:
+        request = call.request
+        try:
+            return await self._send_once(request, call.model)
+        except ApiError as exc:
+            call.failed(exc)
+            refused = isinstance(exc, RateLimitedError | AuthenticationError | _NotSent)
+            if refused and request.on_not_sent is not None:
+                # Refused or never delivered: certainly not processed.
+                request.on_not_sent()
+            raise
+
+    async def _send_once(self, request: ApiRequest, model: type[BaseModel] | None) -> Any:
+        async with self._governor.slot(request.priority):
             # Checked after the wait too: a 401 may have arrived while we queued.
             if self._auth_error is not None:
                 raise self._auth_error
-            headers = {
-                "Authorization": f"Bearer {self._token.value}",
-                "Content-Type": "application/json",
-                "User-Agent": _USER_AGENT,
-            }
-            timeout = aiohttp.ClientTimeout(total=self._settings.request_timeout)
-            try:
-                # A create that has left must be allowed to finish, so that a stop
-                # (cancellation) never turns a known answer into an unknown one.
-                with anyio.CancelScope(shield=not idempotent):
-                    if on_send is not None:
-                        on_send()
-                    self.sent[f"{method} {template}"] += 1
-                    async with self._session.request(
-                        method,
-                        self._base + path,
-                        params=params,
-                        json=body,
-                        headers=headers,
-                        timeout=timeout,
-                        allow_redirects=False,
-                    ) as response:
-                        status = response.status
-                        raw = await response.read()
-                        rate = RateLimit.from_headers(response.headers)
-            except aiohttp.ClientConnectorError as exc:
-                raise _NotSent(f"cannot connect: {_describe(exc)}", **context) from None
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                message = f"no answer: {_describe(exc)}"
-                if idempotent:
-                    raise TransientApiError(message, **context) from None
-                raise UncertainCreateError(message, **context) from None
+            status, raw, rate = await self._exchange(request)
             self._governor.observe(status, rate)
-        return self._interpret(model, status, raw, idempotent, context)
+        try:
+            return interpret(
+                model, status, raw, idempotent=request.idempotent, context=request.context
+            )
+        except AuthenticationError as exc:
+            self._auth_error = exc
+            raise
 
-    def _interpret(
-        self,
-        model: type[M] | None,
-        status: int,
-        raw: bytes,
-        idempotent: bool,
-        context: dict[str, Any],
-    ) -> Any:
-        if 200 <= status < 300:
-            if model is None:
-                return None
-            try:
-                return model.model_validate_json(raw)
-            except ValidationError as exc:
-                message = f"answer {status} has an unexpected body ({exc.error_count()} problems)"
-                if idempotent:
-                    raise _Garbled(message, status=status, **context) from None
-                # The create may have worked; only its answer is unreadable.
-                raise UncertainCreateError(message, status=status, **context) from None
-        error = _error_body(raw)
-        message = redact_text(error.message if error else _snippet(raw))
-        details: dict[str, Any] = {
-            "status": status,
-            "error_id": error.id if error else None,
-            "request_id": error.request_id if error else None,
-            **context,
-        }
-        if status == 401:
-            self._auth_error = AuthenticationError(message, **details)
-            raise self._auth_error
-        if status == 429:
-            raise RateLimitedError(message, **details)
-        if status >= 500:
+    async def _exchange(self, request: ApiRequest) -> tuple[int, bytes, RateLimit]:
+        """Send once (aiohttp may send twice, see :class:`_Sends`) and read the answer."""
+        sends = _Sends()
+        try:
+            # A create that has left must be allowed to finish, so that a stop
+            # (cancellation) never turns a known answer into an unknown one.
+            with anyio.CancelScope(shield=not request.idempotent):
+                if request.on_send is not None:
+                    request.on_send()
+                async with self._session.request(
+                    request.method,
+                    self._base + request.path,
+                    params=request.params,
+                    json=request.body,
+                    headers=self._headers,
+                    timeout=self._timeout,
+                    allow_redirects=False,
+                    trace_request_ctx=sends,
+                ) as response:
+                    raw = await response.read()
+                    answer = response.status, raw, RateLimit.from_headers(response.headers)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if sends.count == 0:
+                raise _NotSent(f"cannot connect: {_describe(exc)}", **request.context) from None
+            message = f"no answer: {_describe(exc)}"
+            if request.idempotent:
+                raise TransientApiError(message, **request.context) from None
+            raise UncertainCreateError(message, **request.context) from None
+        finally:
+            self._count(request, sends.count)
+        return answer
+
+    def _count(self, request: ApiRequest, sends: int) -> None:
+        """Count what went out; the governor admitted one send, the API counts each."""
+        if sends:
+            self.sent[request.endpoint] += sends
+        for _ in range(sends - 1):
+            self._governor.charge(self._clock.monotonic())
+
+    # -- the retry policy (one per client; a call's progress is in its _Call) -------
+
+    def _stop(self, state: RetryCallState) -> bool:
+        call = _call_of(state)
+        if isinstance(_exception(state), RateLimitedError):
+            return call.rate_limited > self._settings.max_rate_limited
+        return call.transient >= self._settings.max_attempts
+
+    def _wait(self, state: RetryCallState) -> float:
+        if isinstance(_exception(state), RateLimitedError):
+            return 0.0  # the governor already holds every request until the pause ends
+        cap = self._settings.backoff_initial * 2 ** (_call_of(state).transient - 1)
+        return self._rng.uniform(0, min(self._settings.backoff_max, cap))
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        request = _call_of(state).request
+        self._log.warning(
+            "request.retry",
+            method=request.method,
+            path=request.template,
+            attempt=state.attempt_number,
+            wait=round(state.upcoming_sleep, 3),
+            reason=str(_exception(state)),
+        )
+
+
+@overload
+def interpret(
+    model: type[M], status: int, raw: bytes, *, idempotent: bool, context: Mapping[str, Any]
+) -> M: ...
+
+
+@overload
+def interpret(
+    model: None, status: int, raw: bytes, *, idempotent: bool, context: Mapping[str, Any]
+) -> None: ...
+
+
+def interpret(
+    model: type[M] | None,
+    status: int,
+    raw: bytes,
+    *,
+    idempotent: bool,
+    context: Mapping[str, Any],
+) -> M | None:
+    """What one answer means: its body as ``model``, or the :class:`ApiError` it is (raised).
+
+    ``idempotent`` says whether the request may be repeated: when it may not (a
+    create), an answer that does not say what happened is an
+    :class:`UncertainCreateError` rather than a transient error. ``context``
+    (``method``, ``path``) goes into the error.
+    """
+    if 200 <= status < 300:
+        if model is None:
+            return None
+        try:
+            return model.model_validate_json(raw)
+        except ValidationError as exc:
+            message = f"answer {status} has an unexpected body ({exc.error_count()} problems)"
             if idempotent:
-                raise TransientApiError(message, **details)
-            raise UncertainCreateError(message, **details)
-        raise RejectedError(message, **details)
+                raise _Garbled(message, status=status, **context) from None
+            # The create may have worked; only its answer is unreadable.
+            raise UncertainCreateError(message, status=status, **context) from None
+    error = _error_body(raw)
+    message = redact_text(error.message if error else _snippet(raw))
+    details: dict[str, Any] = {
+        "status": status,
+        "error_id": error.id if error else None,
+        "request_id": error.request_id if error else None,
+        **context,
+    }
+    if status == 401:
+        raise AuthenticationError(message, **details)
+    if status == 429:
+        raise RateLimitedError(message, **details)
+    if status >= 500:
+        if idempotent:
+            raise TransientApiError(message, **details)
+        raise UncertainCreateError(message, **details)
+    raise RejectedError(message, **details)
+
+
+def _call_of(state: RetryCallState) -> _Call:
+    call = state.args[0]
+    assert isinstance(call, _Call)
+    return call
 
 
 def _exception(state: RetryCallState) -> BaseException | None:
@@ -370,4 +458,4 @@ def _describe(exc: BaseException) -> str:
     return redact_text(text)
 
 
-__all__ = ["ApiError", "CreateRequest", "ImagesClient"]
+__all__ = ["ApiError", "ApiRequest", "CreateRequest", "ImagesClient", "interpret"]

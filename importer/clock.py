@@ -1,6 +1,6 @@
 """Time, from one place.
 
-Everything that waits or measures time takes a :class:`Clock`. The production
+Everything that waits, gives up or measures time takes a :class:`Clock`. The production
 clock, :class:`LoopClock`, reads the running event loop's time, so the same code
 runs on real time or, under :class:`VirtualTimeLoop`, on virtual time that jumps
 forward whenever every task is waiting: a whole import of minutes-long images
@@ -34,6 +34,10 @@ class Clock(Protocol):
         """Wait ``seconds`` of this clock's time."""
         ...
 
+    def move_on_after(self, seconds: float) -> anyio.CancelScope:
+        """A cancel scope that gives up ``seconds`` from now, in this clock's time."""
+        ...
+
 
 class LoopClock:
     """The running event loop's clock, with a wall-clock anchor.
@@ -60,6 +64,10 @@ class LoopClock:
 
     async def sleep(self, seconds: float) -> None:
         await anyio.sleep(max(0.0, seconds))
+
+    def move_on_after(self, seconds: float) -> anyio.CancelScope:
+        # anyio's deadlines are in the loop's time, which is this clock's monotonic time.
+        return anyio.CancelScope(deadline=self.monotonic() + seconds)
 
 
 def isoformat(unix: float) -> str:

@@ -119,6 +119,10 @@ class RejectedError(ApiError):
     """A 4xx other than 401 and 429: the request itself is wrong; retrying won't help."""
 
 
+class ImageVanishedError(RejectedError):
+    """The image is gone (404): deleted by someone else while it imported."""
+
+
 class TransientApiError(ApiError):
     """A 5xx, a malformed answer or a dropped connection: may succeed if tried again."""
 
@@ -141,5 +145,11 @@ class UncertainCreateError(ApiError):
 
 class StateLockedError(ImporterError):
     """Another importer process holds the state file."""
+
+    exit_code = 2
+
+
+class StateFileError(ImporterError):
+    """The state file cannot be opened or is not an importer journal."""
 
     exit_code = 2

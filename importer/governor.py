@@ -209,8 +209,6 @@ class Governor:
         self._default_pause = default_pause
         self._max_pause = max_pause
         self._log = structlog.get_logger("importer.governor")
-        #: Requests admitted so far.
-        self.admitted = 0
         #: 429 answers observed.
         self.rate_limited = 0
 
@@ -242,7 +240,6 @@ class Governor:
                 return False
         for log in self._logs:
             log.record(now)
-        self.admitted += 1
         return True
 
     async def _sleep_unless_outranked(self, seconds: float, priority: Priority) -> bool:
@@ -312,3 +309,8 @@ class Governor:
             return min(max(0.0, rate.reset - self._clock.wall()), self._max_pause)
         # No hint: back off exponentially on repeated 429s.
         return min(self._default_pause * 2.0 ** (self._consecutive_429 - 1), self._max_pause)
+
+    def charge(self, now: float) -> None:
+        """Count a request that left without asking: aiohttp resends some on its own."""
+        for log in self._logs:
+            log.record(now)

@@ -26,7 +26,7 @@ from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 
-from importer.errors import ImporterError, StateLockedError
+from importer.errors import StateFileError, StateLockedError
 
 MEMORY = ":memory:"
 _SCHEMA_VERSION = 2
@@ -96,12 +96,6 @@ class EntryState:
     version: str | None = None
 
 
-class StateFileError(ImporterError):
-    """The state file cannot be opened or is not an importer journal."""
-
-    exit_code = 2
-
-
 class Journal:
     """An open journal. Use as a context manager, or call :meth:`close`."""
 
@@ -112,6 +106,7 @@ class Journal:
             self._lock_fd = _lock(Path(self.path))
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
             # NORMAL is durable against a killed process (the WAL is in the OS's
             # hands before commit returns); only a power cut can lose the last writes,
@@ -132,10 +127,12 @@ class Journal:
             self._db.execute(
                 "INSERT INTO meta(key, value) VALUES ('schema', ?)", (str(_SCHEMA_VERSION),)
             )
-        elif row[0] != str(_SCHEMA_VERSION):
-            found = int(row[0]) if row[0].isdigit() else -1
+        elif row["value"] != str(_SCHEMA_VERSION):
+            found = int(row["value"]) if row["value"].isdigit() else -1
             if found not in _MIGRATIONS:
-                raise sqlite3.DatabaseError(f"schema version {row[0]}, expected {_SCHEMA_VERSION}")
+                raise sqlite3.DatabaseError(
+                    f"schema version {row['value']}, expected {_SCHEMA_VERSION}"
+                )
             for version in range(found, _SCHEMA_VERSION):
                 self._db.execute(_MIGRATIONS[version])
             self._db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(_SCHEMA_VERSION),))
@@ -143,32 +140,26 @@ class Journal:
     # -- reading --------------------------------------------------------------------
 
     def get(self, tag: str) -> EntryState | None:
-        row = self._db.execute(
-            "SELECT tag, name, region, group_tag, phase, image_id, status, outcome, error,"
-            " creates_sent,"
-            " uncertain, duplicates, first_sent_at, submitted_at, finished_at, version"
-            " FROM entries WHERE tag = ?",
-            (tag,),
-        ).fetchone()
+        row = self._db.execute("SELECT * FROM entries WHERE tag = ?", (tag,)).fetchone()
         if row is None:
             return None
         return EntryState(
-            tag=row[0],
-            name=row[1],
-            region=row[2],
-            group=row[3],
-            phase=Phase(row[4]),
-            image_id=row[5],
-            status=row[6],
-            outcome=row[7],
-            error=row[8],
-            creates_sent=row[9],
-            uncertain=row[10],
-            duplicates=tuple(json.loads(row[11])),
-            first_sent_at=row[12],
-            submitted_at=row[13],
-            finished_at=row[14],
-            version=row[15],
+            tag=row["tag"],
+            name=row["name"],
+            region=row["region"],
+            group=row["group_tag"],
+            phase=Phase(row["phase"]),
+            image_id=row["image_id"],
+            status=row["status"],
+            outcome=row["outcome"],
+            error=row["error"],
+            creates_sent=row["creates_sent"],
+            uncertain=row["uncertain"],
+            duplicates=tuple(json.loads(row["duplicates"])),
+            first_sent_at=row["first_sent_at"],
+            submitted_at=row["submitted_at"],
+            finished_at=row["finished_at"],
+            version=row["version"],
         )
 
     # -- writing --------------------------------------------------------------------

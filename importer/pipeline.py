@@ -26,7 +26,6 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 
-import aiohttp
 import anyio
 import structlog
 
@@ -111,6 +110,7 @@ class Importer:
             importing_group=self._importing_group,
         )
         self._scope: anyio.CancelScope | None = None
+        self._run_failures: set[str] = set()
         self.stopped: str | None = None
 
     # -- running ------------------------------------------------------------------
@@ -206,7 +206,7 @@ class Importer:
         """The image once it finished, or ``None`` at its timeout (counted from submission)."""
         submitted_at = entry.result.submitted_at
         elapsed = self._clock.wall() - submitted_at if submitted_at is not None else 0.0
-        with anyio.move_on_after(max(0.0, self._settings.image_timeout - elapsed)):
+        with self._clock.move_on_after(max(0.0, self._settings.image_timeout - elapsed)):
             return await self._poller.wait(
                 image_id,
                 entry.saw,
@@ -288,7 +288,10 @@ class Importer:
         return None
 
     def _fail_run(self, entry: EntryLifecycle, reason: str, exc: ApiError) -> None:
-        self._log.error(f"run.{reason}", error=str(exc))
+        # Every image task that was waiting learns of the one event: it is logged once.
+        if reason not in self._run_failures:
+            self._run_failures.add(reason)
+            self._log.error(f"run.{reason}", error=str(exc))
         entry.note_error(exc.safe_message)
         self.stop(reason)
 
@@ -345,9 +348,7 @@ async def run_import(
     with contextlib.ExitStack() as stack:
         if journal is None:
             journal = stack.enter_context(Journal(settings.state_path or MEMORY))
-        connector = aiohttp.TCPConnector(limit=settings.concurrency)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            client = ImagesClient(session, settings, governor, clock, rng=rng)
+        async with ImagesClient.open(settings, governor, clock, rng=rng) as client:
             poller = StatusPoller(
                 client,
                 clock,

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from urllib.parse import urlsplit, urlunsplit
 
+from importer.api import CreateRequest
 from importer.catalog import PER_PAGE_MAX, TAG_MAX_LENGTH
-from importer.client import CreateRequest
 from importer.manifest import Entry, Manifest
 
 ENTRY_TAG_PREFIX = "importer:"
@@ -63,16 +63,7 @@ class PlannedImport:
         return self.entry.index
 
     def create_request(self) -> CreateRequest:
-        own = (self.tag, self.group)
-        tags = (*(t for t in self.entry.tags if t not in own), *own)
-        return CreateRequest(
-            name=self.entry.name,
-            url=self.entry.url,
-            region=self.entry.region,
-            distribution=self.entry.distribution,
-            description=self.entry.description,
-            tags=tags,
-        )
+        return CreateRequest.from_entry(self.entry, (self.tag, self.group))
 
 
 def make_plan(

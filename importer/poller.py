@@ -34,7 +34,13 @@ import structlog
 from importer.api import Image
 from importer.client import ImagesClient
 from importer.clock import Clock
-from importer.errors import ApiError, RateLimitedError, RejectedError, TransientApiError
+from importer.errors import (
+    ApiError,
+    ImageVanishedError,
+    RateLimitedError,
+    RejectedError,
+    TransientApiError,
+)
 from importer.governor import Priority
 
 #: Images asked for by id per group and listing, when unlisted may mean importing:
@@ -44,10 +50,6 @@ DIRECT_SHARE = 0.05
 #: Called with each status seen, so the caller can record it.
 StatusCallback = Callable[[Image], None]
 GIB = 1024**3
-
-
-class ImageVanishedError(RejectedError):
-    """The image is gone (404): deleted by someone else while it imported."""
 
 
 class DurationModel:
@@ -245,7 +247,7 @@ class StatusPoller:
         delay = math.inf
         if self._queue:
             delay = self._queue[0][0] - self._clock.monotonic()
-        with anyio.move_on_after(delay):
+        with self._clock.move_on_after(delay):
             await self._changed.wait()
 
     def _pop_due(self) -> list[_Watch]:

@@ -15,6 +15,7 @@ import aiohttp
 import anyio
 import structlog
 
+from importer.clock import Clock, LoopClock
 from importer.manifest import Entry
 
 #: Maps a manifest URL to the URL to ask (the simulator serves sizes for any name).
@@ -31,12 +32,14 @@ class HeadSizer:
         timeout: float = 10.0,
         total_timeout: float = 60.0,
         rewrite: UrlRewrite | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self._concurrency = concurrency
         self._timeout = timeout
         # Sizing only orders the work: it must never hold the run up for long.
         self._total_timeout = total_timeout
         self._rewrite = rewrite
+        self._clock = clock or LoopClock()
         self._log = structlog.get_logger("importer.sizing")
 
     async def sizes(self, entries: Sequence[Entry]) -> dict[int, int | None]:
@@ -50,7 +53,7 @@ class HeadSizer:
                 async with limiter:
                     sizes[entry.index] = await self._head(session, entry.url)
 
-            with anyio.move_on_after(self._total_timeout):
+            with self._clock.move_on_after(self._total_timeout):
                 async with anyio.create_task_group() as tg:
                     for entry in entries:
                         tg.start_soon(one, entry)

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from importer.manifest import example_manifest, load_manifest
+from importer.manifest import load_manifest
 from importer.plan import make_plan
+from tests.examples import example_manifest
 from tests.processes import ENV, importer_command, simulator_process, simulator_state
 
 ENTRIES = 200

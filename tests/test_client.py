@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,13 +16,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from importer.api import Image, ImageEnvelope, RateLimit
-from importer.client import CreateRequest, ImagesClient
+from importer.api import CreateRequest, Image, ImageEnvelope, RateLimit
+from importer.client import ImagesClient, interpret
 from importer.clock import LoopClock
 from importer.errors import (
     ApiError,
     ApiUnreachableError,
     AuthenticationError,
+    RateLimitedError,
     RejectedError,
     TransientApiError,
     UncertainCreateError,
@@ -95,8 +97,9 @@ class Harness:
     governor: Governor
 
 
-@pytest.fixture
-async def harness() -> AsyncIterator[Harness]:
+@asynccontextmanager
+async def serving(windows: tuple[Window, ...] = (Window(250, 60.0),)) -> AsyncIterator[Harness]:
+    """A scripted server on loopback, and a client of it under a governor of ``windows``."""
     script = Script()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", script.handle)
@@ -107,11 +110,16 @@ async def harness() -> AsyncIterator[Harness]:
     host, port = runner.addresses[0][:2]
     clock = LoopClock(epoch=1_700_000_000.0)
     config = settings_for(f"http://{host}:{port}", request_timeout=30.0, max_attempts=4)
-    governor = Governor(clock, concurrency=4, windows=(Window(250, 60.0),))
-    async with aiohttp.ClientSession() as session:
-        client = ImagesClient(session, config, governor, clock)
+    governor = Governor(clock, concurrency=4, windows=windows)
+    async with ImagesClient.open(config, governor, clock) as client:
         yield Harness(script, client, governor)
     await runner.cleanup()
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    async with serving() as harness:
+        yield harness
 
 
 @pytest.mark.anyio
@@ -247,10 +255,40 @@ async def test_connection_refused_is_unreachable() -> None:
     clock = LoopClock()
     governor = Governor(clock, concurrency=2, windows=(Window(250, 60.0),))
     config = settings_for("http://127.0.0.1:9", max_attempts=3)
-    async with aiohttp.ClientSession() as session:
-        client = ImagesClient(session, config, governor, clock)
+    async with ImagesClient.open(config, governor, clock) as client:
         with pytest.raises(ApiUnreachableError):
             await client.create(CREATE)
+
+
+@pytest.mark.anyio
+async def test_attempts_that_never_connected_are_not_requests() -> None:
+    """Nothing listening: however many attempts, no request was sent, and none is counted."""
+    clock = LoopClock()
+    governor = Governor(clock, concurrency=2, windows=(Window(250, 60.0),))
+    config = settings_for("http://127.0.0.1:9", max_attempts=3)
+    async with ImagesClient.open(config, governor, clock) as client:
+        with pytest.raises(ApiUnreachableError):
+            await client.get(42)
+    assert client.requests_sent == 0
+    assert dict(client.sent) == {}
+
+
+@pytest.mark.anyio
+async def test_a_request_aiohttp_resends_is_counted_and_charged() -> None:
+    """aiohttp resends a GET once when its connection drops: both sends count, in the budget too."""
+    async with serving(windows=(Window(3, 60.0),)) as harness:
+        harness.script.replies = [reset(), ok(), ok(), ok()]
+        start = anyio.current_time()
+        await harness.client.get(42)
+        assert harness.script.received == ["GET /v2/images/42"] * 2
+        assert harness.client.requests_sent == 2
+        assert dict(harness.client.sent) == {"GET /v2/images/{id}": 2}
+        await harness.client.get(42)
+        assert anyio.current_time() - start < 1.0
+        # Three sends in the minute, so the fourth waits for the first to expire.
+        await harness.client.get(42)
+        assert anyio.current_time() - start >= 60.0
+        assert harness.client.requests_sent == 4
 
 
 def test_status_casing_is_canonical() -> None:
@@ -287,11 +325,11 @@ def test_rate_limit_headers_never_crash(headers: dict[str, str]) -> None:
 @settings(max_examples=500, deadline=None)
 def test_any_answer_is_a_value_or_an_api_error(status: int, body: bytes) -> None:
     """Whatever status and body come back, the client returns a model or raises an ApiError."""
-    client = ImagesClient.__new__(ImagesClient)
-    client._auth_error = None
     for idempotent in (True, False):
         try:
-            result = client._interpret(ImageEnvelope, status, body, idempotent, {"method": "GET"})
+            result = interpret(
+                ImageEnvelope, status, body, idempotent=idempotent, context={"method": "GET"}
+            )
         except ApiError:
             continue
         assert isinstance(result, ImageEnvelope)
@@ -299,9 +337,53 @@ def test_any_answer_is_a_value_or_an_api_error(status: int, body: bytes) -> None
 
 def test_json_bodies_parse_or_fail_cleanly() -> None:
     """A well-formed body parses; a structurally wrong one is an ApiError, not a crash."""
-    client = ImagesClient.__new__(ImagesClient)
-    client._auth_error = None
     good = json.dumps({"image": IMAGE}).encode()
-    assert client._interpret(ImageEnvelope, 200, good, True, {}).image.id == 42
+    assert interpret(ImageEnvelope, 200, good, idempotent=True, context={}).image.id == 42
     with pytest.raises(TransientApiError):
-        client._interpret(ImageEnvelope, 200, b'{"image": []}', True, {})
+        interpret(ImageEnvelope, 200, b'{"image": []}', idempotent=True, context={})
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "idempotent", "expected"),
+    [
+        (401, b'{"id": "unauthorized", "message": "Unable to authenticate you."}', True,
+         AuthenticationError),
+        (429, b'{"id": "too_many_requests", "message": "API rate limit exceeded."}', False,
+         RateLimitedError),
+        (500, b'{"id": "server_error", "message": "oops"}', True, TransientApiError),
+        (500, b'{"id": "server_error", "message": "oops"}', False, UncertainCreateError),
+        (502, b"<html>Bad Gateway</html>", True, TransientApiError),
+        (202, b"{truncated", False, UncertainCreateError),
+        (404, b'{"id": "not_found", "message": "gone"}', True, RejectedError),
+    ],
+)  # fmt: skip
+def test_interpretation_alone(
+    status: int, body: bytes, idempotent: bool, expected: type[ApiError]
+) -> None:
+    """Each kind of answer is the error it amounts to, with the request's context, no client."""
+    with pytest.raises(expected) as caught:
+        interpret(
+            ImageEnvelope,
+            status,
+            body,
+            idempotent=idempotent,
+            context={"method": "GET", "path": "/v2/images/{id}"},
+        )
+    assert caught.value.status == status
+    assert caught.value.method == "GET"
+    assert caught.value.path == "/v2/images/{id}"
+
+
+def test_an_answer_without_a_model_is_none() -> None:
+    """A 204 to a DELETE reads as None, whatever its body."""
+    assert interpret(None, 204, b"", idempotent=True, context={}) is None
+
+
+@pytest.mark.anyio
+async def test_a_session_that_does_not_count_sends_is_refused() -> None:
+    """A client on a session without its send tracing would count nothing: refused at once."""
+    clock = LoopClock()
+    governor = Governor(clock, concurrency=2, windows=(Window(250, 60.0),))
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(ValueError, match=r"ImagesClient\.open"):
+            ImagesClient(session, settings_for("http://127.0.0.1:9"), governor, clock)

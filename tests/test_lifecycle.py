@@ -33,7 +33,8 @@ def lifecycle(journal: Journal) -> EntryLifecycle:
     return EntryLifecycle(ITEM, journal, FakeClock(), structlog.get_logger("test"))
 
 
-def test_a_create_that_succeeds_writes_journal_report_and_log_at_each_step() -> None:
+@pytest.mark.anyio
+async def test_a_create_that_succeeds_writes_journal_report_and_log_at_each_step() -> None:
     """planned -> creating -> importing -> finished: each step is in the journal, report and log."""
     with Journal(MEMORY) as journal, capture_logs() as logs:
         entry = lifecycle(journal)
@@ -64,7 +65,8 @@ def test_a_create_that_succeeds_writes_journal_report_and_log_at_each_step() -> 
     assert events == ["image.submitted", "image.status", "image.status", "image.available"]
 
 
-def test_the_same_status_seen_twice_is_recorded_once() -> None:
+@pytest.mark.anyio
+async def test_the_same_status_seen_twice_is_recorded_once() -> None:
     """A status that did not change writes nothing and logs nothing."""
     with Journal(MEMORY) as journal, capture_logs() as logs:
         entry = lifecycle(journal)
@@ -86,7 +88,8 @@ def test_the_same_status_seen_twice_is_recorded_once() -> None:
         (["not_submitted", "sending"], "creating"),  # nothing after unfinished
     ],
 )
-def test_illegal_transitions_are_refused_as_bugs(steps: list[str], wanted: str) -> None:
+@pytest.mark.anyio
+async def test_illegal_transitions_are_refused_as_bugs(steps: list[str], wanted: str) -> None:
     """A transition the table does not allow raises a bug error and changes nothing."""
     calls = {
         "sending": lambda e: e.sending(),
@@ -159,7 +162,8 @@ async def test_a_cancelled_entry_hands_its_turn_back_on_close() -> None:
     assert semaphore.value == 1
 
 
-def test_a_stopped_run_reports_each_entry_from_the_journal() -> None:
+@pytest.mark.anyio
+async def test_a_stopped_run_reports_each_entry_from_the_journal() -> None:
     """Stopped: no row is not_submitted; a submitted or a creating row is pending."""
     with Journal(MEMORY) as journal:
         fresh = lifecycle(journal)
@@ -179,7 +183,8 @@ def test_a_stopped_run_reports_each_entry_from_the_journal() -> None:
         assert "not known" in (creating.result.error or "")
 
 
-def test_a_rate_limited_create_leaves_the_entry_not_submitted_with_the_reason() -> None:
+@pytest.mark.anyio
+async def test_a_rate_limited_create_leaves_the_entry_not_submitted_with_the_reason() -> None:
     """429s until the retries ran out: no journal row, `not_submitted` with the message, logged."""
     with Journal(MEMORY) as journal, capture_logs() as logs:
         entry = lifecycle(journal)

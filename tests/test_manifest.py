@@ -18,10 +18,10 @@ from importer.manifest import (
     NAME_MAX_LENGTH,
     Entry,
     Manifest,
-    example_manifest,
     load_manifest,
     parse_manifest,
 )
+from tests.examples import example_manifest
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 MODEST = settings(max_examples=200, deadline=None)

@@ -188,3 +188,34 @@ async def test_persistent_429s_leave_entries_to_submit_and_the_run_finishes() ->
     assert all(r.error for r in report.images if r.outcome is Outcome.NOT_SUBMITTED)
     assert report.stopped is None
     assert world.rate_limited_count >= 1
+
+
+@pytest.mark.anyio
+async def test_unreachable_api_counts_no_requests() -> None:
+    """Attempts whose connection never opened are not requests: the report counts none."""
+    report = await run_import(
+        manifest_of(*image_urls(3)), settings_for("http://127.0.0.1:9", max_attempts=3)
+    )
+    assert report.stopped == "api_unreachable"
+    assert report.requests == 0
+    assert report.requests_by_endpoint == {}
+
+
+@pytest.mark.anyio
+async def test_a_refused_token_is_logged_once() -> None:
+    """One 401 ends the run: run.authentication_failed is logged once, not once per image."""
+    async with run_simulator(SimulatorConfig.demo(token="the-right-one")) as simulator:
+        with capture_logs() as logs:
+            report = await run_import(manifest_of(*image_urls(5)), settings_for(simulator.base_url))
+    assert report.stopped == "authentication_failed"
+    assert [entry["event"] for entry in logs].count("run.authentication_failed") == 1
+
+
+@pytest.mark.anyio
+async def test_requests_resent_by_aiohttp_are_counted() -> None:
+    """Dropped connections (aiohttp resends a GET once): the count is what the API served."""
+    report, world = await run_against(image_urls(12), sim={"reset_rate": 0.3, "seed": 3})
+    assert [r.outcome for r in report.images] == [Outcome.AVAILABLE] * 12
+    assert world.fault_counts["reset"] > 0
+    assert report.requests_by_endpoint == dict(world.request_counts)
+    assert report.requests == sum(world.request_counts.values())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from importer.api import CreateRequest
 from importer.catalog import tag_problem
 from importer.manifest import Entry, Manifest
 from importer.plan import GROUP_SIZE, group_prefix, make_plan
@@ -73,3 +74,21 @@ async def test_head_sizer_can_ask_elsewhere() -> None:
         sizer = HeadSizer(rewrite=lambda url: sim.file_url(url.rsplit("/", 1)[-1]))
         sizes = await sizer.sizes(manifest.entries)
     assert sizes == {0: 2 * GIB}
+
+
+def test_a_create_is_derived_from_its_entry() -> None:
+    """The create carries the entry's fields, its tags first, then the run's tags, each once."""
+    entry = Entry(
+        3, "web", "https://images.example.com/web.qcow2", "ams3", "Debian", "d", ("a", "b")
+    )
+    create = CreateRequest.from_entry(entry, ("importer:0123", "b"))
+    assert create.body() == {
+        "name": "web",
+        "url": "https://images.example.com/web.qcow2",
+        "region": "ams3",
+        "distribution": "Debian",
+        "description": "d",
+        "tags": ["a", "importer:0123", "b"],
+    }
+    bare = CreateRequest.from_entry(Entry(0, "n", "https://h/x.img", "nyc3", None, None, ()))
+    assert bare.body() == {"name": "n", "url": "https://h/x.img", "region": "nyc3"}
