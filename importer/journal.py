@@ -54,6 +54,9 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 #: Schema 1 (before versions): its rows are keyed by tags of the URL-based identity,
 #: which no entry has any more; they are kept, and never match.
+#: Whether a create is for the row's version (a row without one, written by a test or
+#: an older schema, is taken to be about it).
+_SAME_VERSION = " COALESCE(version, excluded.version) IS excluded.version "
 _MIGRATIONS = {1: "ALTER TABLE entries ADD COLUMN version TEXT"}
 
 
@@ -183,13 +186,12 @@ class Journal:
             " ON CONFLICT(tag) DO UPDATE SET phase='creating', image_id=NULL, status=NULL,"
             " outcome=NULL, error=NULL, finished_at=NULL,"
             " group_tag=COALESCE(excluded.group_tag, group_tag),"
-            " creates_sent=CASE WHEN version IS excluded.version THEN creates_sent+1 ELSE 1 END,"
-            " uncertain=CASE WHEN version IS excluded.version THEN uncertain ELSE 0 END,"
-            " duplicates=CASE WHEN version IS excluded.version THEN duplicates ELSE '[]' END,"
-            " submitted_at=CASE WHEN version IS excluded.version THEN submitted_at ELSE NULL END,"
-            " first_sent_at=CASE WHEN version IS excluded.version"
-            "   THEN COALESCE(first_sent_at, excluded.first_sent_at)"
-            "   ELSE excluded.first_sent_at END,"
+            " creates_sent=CASE WHEN" + _SAME_VERSION + "THEN creates_sent+1 ELSE 1 END,"
+            " uncertain=CASE WHEN" + _SAME_VERSION + "THEN uncertain ELSE 0 END,"
+            " duplicates=CASE WHEN" + _SAME_VERSION + "THEN duplicates ELSE '[]' END,"
+            " submitted_at=CASE WHEN" + _SAME_VERSION + "THEN submitted_at ELSE NULL END,"
+            " first_sent_at=CASE WHEN" + _SAME_VERSION + "THEN"
+            " COALESCE(first_sent_at, excluded.first_sent_at) ELSE excluded.first_sent_at END,"
             " version=excluded.version, updated_at=excluded.updated_at",
             (tag, name, region, group, now, now, version),
         )

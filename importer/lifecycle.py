@@ -10,11 +10,15 @@ place that records *what happened*.
 States:
 
 ==============  ================================================================
-``planned``     in the plan, nothing sent for it by this run (yet)
+``planned``     in the plan (with its action, see :mod:`importer.converge`);
+                nothing sent for it by this run (yet)
+``unchanged``   an available image of this version is in the account
 ``creating``    a create is on the wire (journaled before it left)
 ``uncertain``   a create's answer was lost: its image may exist; it is being
                 looked for by the entry's tag (:mod:`importer.reconcile`)
 ``importing``   the image id is known; the image is being watched
+``rotating``    the image is available; names and older versions are being
+                put right (:func:`importer.converge.rotate`)
 ``finished``    final, with an outcome the journal keeps: ``available``,
                 ``failed``, ``timed_out`` or ``rejected``
 ``unfinished``  final for this run only: the run ended (a stop, or the API kept
@@ -25,34 +29,51 @@ States:
 Transitions, one method each (anything else raises
 :class:`IllegalTransitionError`: a bug, never a condition of the world):
 
-====================  ===============  ==========  ==============  =======================
-method                from             to          journal         log event
-====================  ===============  ==========  ==============  =======================
-``restored``          planned          finished    (has it)        ``image.resumed``
-``resumed``           planned          importing   (has it)        ``image.resumed``
-``resumed_uncertain`` planned          uncertain   ``uncertain``   -
-``sending``           planned,         creating    ``creating``    -
-                      uncertain
-``not_sent``          creating         planned     ``not_sent``    -
-``submitted``         creating         importing   ``submitted``   ``image.submitted``
-``uncertain``         creating         uncertain   ``uncertain``   ``image.uncertain``
-``rejected``          creating         finished    ``finished``    ``image.rejected``
-``adopted``           uncertain        importing   ``submitted``   ``image.adopted``
-``abandoned``         uncertain        finished    ``finished``    ``image.abandoned``
-``saw``               importing        importing   ``status``      ``image.status``
-``available``         importing        finished    ``finished``    ``image.available``
-``failed``            importing,       finished    ``finished``    ``image.failed``
-                      uncertain
-``timed_out``         importing        finished    ``finished``    ``image.timed_out``
-``not_submitted``     planned          unfinished  -               ``image.not_submitted``
-``stopped``           any but final    unfinished  -               -
-====================  ===============  ==========  ==============  =======================
+=====================  ==============  ==========  ==============  =======================
+method                 from            to          journal         log event
+=====================  ==============  ==========  ==============  =======================
+``source_failed``      planned         finished    ``finished``    ``image.source_failed``
+``unchanged``          planned,        unchanged   -               ``image.unchanged``
+                       uncertain
+``watching``           planned,        importing   ``watching``    ``image.watching``
+                       uncertain
+``resumed_uncertain``  planned         uncertain   ``uncertain``   -
+``sending``            planned,        creating    ``creating``    -
+                       uncertain
+``not_sent``           creating        planned     ``not_sent``    -
+``submitted``          creating        importing   ``submitted``   ``image.submitted``
+``uncertain``          creating        uncertain   ``uncertain``   ``image.uncertain``
+``rejected``           creating        finished    ``finished``    ``image.rejected``
+``adopted``            uncertain       importing   ``submitted``   ``image.adopted``
+``abandoned``          uncertain       finished    ``finished``    ``image.abandoned``
+``saw``                importing       importing   ``status``      ``image.status``
+``lost``               importing       planned     -               ``image.lost``
+``rotating``           unchanged,      rotating    -               ``image.rotating``
+                       importing
+``available``          unchanged,      finished    ``finished``    ``image.available``
+                       importing,
+                       rotating
+``failed``             planned,        finished    ``finished``    ``image.failed``
+                       importing,
+                       uncertain
+``timed_out``          importing       finished    ``finished``    ``image.timed_out``
+``not_submitted``      planned         unfinished  -               ``image.not_submitted``
+``stopped``            any but final   unfinished  -               -
+=====================  ==============  ==========  ==============  =======================
 
-``resumed_uncertain`` journals the create an earlier run left unanswered as
-uncertain once (a run stopped while reconciling must not count it twice).
-``not_sent`` follows a 429 or a connection that never opened; the client then
-sends the create again (``sending``), or gives up (``not_submitted``).
-:data:`TRANSITIONS` is this table in code.
+``watching`` takes an image an earlier run created: found in the account, or
+known only to the journal (listings may hide importing images). ``lost``: that
+image turned out to be gone or failed, so the entry is decided again (and
+imported again if nothing of its version lives). Both also follow
+``uncertain`` when the lost create made nothing but the account holds an image
+of this version. ``resumed_uncertain``
+journals the create an earlier run left unanswered as uncertain once (a run
+stopped while reconciling must not count it twice). ``not_sent`` follows a 429
+or a connection that never opened; the client then sends the create again
+(``sending``), or gives up (``not_submitted``). Renames and deletions while
+``rotating`` are recorded by :meth:`EntryLifecycle.renamed` and
+:meth:`EntryLifecycle.deleted` (report and log). :data:`TRANSITIONS` is this
+table in code.
 
 The submission turn (at most ``concurrency`` entries submitting at once, see
 :mod:`importer.pipeline`) is held while an entry is ``planned`` or
@@ -72,9 +93,10 @@ import structlog
 
 from importer.api import Image
 from importer.clock import Clock
+from importer.converge import Decision, created_at
 from importer.journal import EntryState, Journal, Phase
 from importer.plan import PlannedImport
-from importer.report import ImageResult, Outcome
+from importer.report import ImageResult, Outcome, Renamed
 
 Log = structlog.typing.FilteringBoundLogger
 
@@ -86,9 +108,11 @@ class State(StrEnum):
     """Where one entry stands in this run."""
 
     PLANNED = "planned"
+    UNCHANGED = "unchanged"
     CREATING = "creating"
     UNCERTAIN = "uncertain"
     IMPORTING = "importing"
+    ROTATING = "rotating"
     FINISHED = "finished"
     UNFINISHED = "unfinished"
 
@@ -102,8 +126,9 @@ _LIVE = frozenset(state for state in State if not state.is_final)
 #: Every legal transition, by the method that makes it: the states it may
 #: start from, and the state it leads to. Anything else is a bug.
 TRANSITIONS: Mapping[str, tuple[frozenset[State], State]] = {
-    "restored": (frozenset({State.PLANNED}), State.FINISHED),
-    "resumed": (frozenset({State.PLANNED}), State.IMPORTING),
+    "source_failed": (frozenset({State.PLANNED}), State.FINISHED),
+    "unchanged": (frozenset({State.PLANNED, State.UNCERTAIN}), State.UNCHANGED),
+    "watching": (frozenset({State.PLANNED, State.UNCERTAIN}), State.IMPORTING),
     "resumed_uncertain": (frozenset({State.PLANNED}), State.UNCERTAIN),
     "sending": (frozenset({State.PLANNED, State.UNCERTAIN}), State.CREATING),
     "not_sent": (frozenset({State.CREATING}), State.PLANNED),
@@ -113,8 +138,13 @@ TRANSITIONS: Mapping[str, tuple[frozenset[State], State]] = {
     "adopted": (frozenset({State.UNCERTAIN}), State.IMPORTING),
     "abandoned": (frozenset({State.UNCERTAIN}), State.FINISHED),
     "saw": (frozenset({State.IMPORTING}), State.IMPORTING),
-    "available": (frozenset({State.IMPORTING}), State.FINISHED),
-    "failed": (frozenset({State.IMPORTING, State.UNCERTAIN}), State.FINISHED),
+    "lost": (frozenset({State.IMPORTING}), State.PLANNED),
+    "rotating": (frozenset({State.UNCHANGED, State.IMPORTING}), State.ROTATING),
+    "available": (
+        frozenset({State.UNCHANGED, State.IMPORTING, State.ROTATING}),
+        State.FINISHED,
+    ),
+    "failed": (frozenset({State.PLANNED, State.IMPORTING, State.UNCERTAIN}), State.FINISHED),
     "timed_out": (frozenset({State.IMPORTING}), State.FINISHED),
     "not_submitted": (frozenset({State.PLANNED}), State.UNFINISHED),
     "stopped": (_LIVE, State.UNFINISHED),
@@ -163,12 +193,16 @@ class EntryLifecycle:
         self.log: Log = log.bind(index=item.index, name=item.entry.name, region=item.entry.region)
         self.state = State.PLANNED
         self._turn = Turn()
+        version = item.version
         self.result = ImageResult(
             index=item.index,
             name=item.entry.name,
             region=item.entry.region,
             tag=item.tag,
             outcome=Outcome.NOT_SUBMITTED,
+            action=item.decision.action.value,
+            version=version.label if version is not None else None,
+            version_source=version.source if version is not None else None,
         )
 
     # -- reading --------------------------------------------------------------------
@@ -204,29 +238,100 @@ class EntryLifecycle:
 
     # -- transitions ----------------------------------------------------------------
 
-    def restored(self, row: EntryState) -> None:
-        """An earlier run finished the entry: report what the journal says."""
-        self._move(
-            "restored",
-            event=("info", "image.resumed", {"outcome": row.outcome, "image_id": row.image_id}),
-            outcome=Outcome(row.outcome or Outcome.FAILED),
-            image_id=row.image_id,
-            status=row.status,
-            error=row.error,
-            submitted_at=row.submitted_at,
-            finished_at=row.finished_at,
-            duplicates_deleted=row.duplicates,
+    def source_failed(self, error: str) -> None:
+        """The source cannot be read or versioned: nothing is sent for the entry."""
+        self._finish(
+            Outcome.FAILED,
+            error,
+            ("warning", "image.source_failed", {"error": error}),
+            "source_failed",
         )
 
-    def resumed(self, row: EntryState) -> None:
-        """An earlier run submitted the entry: watch its image."""
+    def unchanged(self, image: Image) -> None:
+        """An available image of this version is in the account: nothing to import."""
         self._move(
-            "resumed",
-            event=("info", "image.resumed", {"image_id": row.image_id, "status": row.status}),
-            image_id=row.image_id,
-            status=row.status,
-            submitted_at=row.submitted_at,
+            "unchanged",
+            # One line per entry that needs nothing would drown a large nightly run.
+            event=("debug", "image.unchanged", {"image_id": image.id}),
+            image_id=image.id,
+            status=image.status,
+            submitted_at=created_at(image),
         )
+
+    def watching(
+        self,
+        image_id: int,
+        status: str | None,
+        *,
+        submitted_at: float | None,
+        group: str | None,
+        source: str,
+    ) -> None:
+        """An image an earlier run created (``source``: ``account`` or ``journal``)."""
+        since = submitted_at if submitted_at is not None else self._clock.wall()
+        item = self.item
+        self._move(
+            "watching",
+            journal=lambda: self._journal.watching(
+                item.tag,
+                item.entry.name,
+                item.entry.region,
+                image_id,
+                status or "NEW",
+                submitted_at=since,
+                now=self._clock.wall(),
+                group=group,
+                version=item.version_tag,
+            ),
+            event=(
+                "info",
+                "image.watching",
+                {"image_id": image_id, "status": status, "found_in": source},
+            ),
+            image_id=image_id,
+            status=status,
+            submitted_at=since,
+        )
+
+    def lost(self, error: str, decision: Decision) -> None:
+        """The watched image is gone or failed: the entry goes on with a new ``decision``."""
+        self.item = replace(self.item, decision=decision)
+        self._move(
+            "lost",
+            event=(
+                "warning",
+                "image.lost",
+                {"image_id": self.result.image_id, "error": error, "action": decision.action},
+            ),
+            image_id=None,
+            status=None,
+            submitted_at=None,
+            action=decision.action.value,
+        )
+
+    def rotating(self, steps: int) -> None:
+        """The image is available: put names and older versions right."""
+        self._move("rotating", event=("info", "image.rotating", {"steps": steps}))
+
+    def renamed(self, image_id: int, old: str, new: str) -> None:
+        self.result = replace(
+            self.result, renamed=(*self.result.renamed, Renamed(image_id, old, new))
+        )
+        self.log.info("image.renamed", image_id=image_id, old=old, new=new)
+
+    def deleted(self, image_id: int, reason: str) -> None:
+        if reason == "duplicate":
+            self.result = replace(
+                self.result,
+                duplicates_deleted=tuple(sorted({*self.result.duplicates_deleted, image_id})),
+            )
+        else:
+            self.result = replace(self.result, deleted=(*self.result.deleted, image_id))
+        self.log.info("image.deleted", image_id=image_id, reason=reason)
+
+    def kept(self, image: Image) -> None:
+        """The image the entry ends with, when rotation chose another copy than the watched one."""
+        self.result = replace(self.result, image_id=image.id, status=image.status)
 
     def resumed_uncertain(self, row: EntryState) -> None:
         """An earlier run sent a create and stopped before it learned the outcome."""
@@ -245,7 +350,12 @@ class EntryLifecycle:
         self._move(
             "sending",
             journal=lambda: self._journal.creating(
-                item.tag, item.entry.name, item.entry.region, self._clock.wall(), group=item.group
+                item.tag,
+                item.entry.name,
+                item.entry.region,
+                self._clock.wall(),
+                group=item.group,
+                version=item.version_tag,
             ),
         )
 
@@ -285,12 +395,18 @@ class EntryLifecycle:
         """Extra copies found by tag and deleted (the reconciler journals them)."""
         self.result = replace(self.result, duplicates_deleted=image_ids)
 
-    def available(self, image: Image) -> None:
+    def available(self, image: Image, error: str | None = None) -> None:
+        """The entry ends with ``image``; ``error`` says what rotation left undone."""
+        fields: dict[str, Any] = {"image_id": image.id}
+        if error is not None:
+            fields["error"] = error
         self._finish(
             Outcome.AVAILABLE,
-            None,
-            ("info", "image.available", {"image_id": image.id}),
+            error,
+            ("warning" if error else "info", "image.available", fields),
             "available",
+            image_id=image.id,
+            status=image.status,
         )
 
     def failed(self, error: str, image: Image | None = None) -> None:
@@ -356,43 +472,47 @@ class EntryLifecycle:
         error: str | None,
         event: tuple[str, str, dict[str, Any]],
         via: str,
+        **report: Any,
     ) -> None:
         now = self._clock.wall()
         item = self.item
+        if "image_id" in report:
+            self.result = replace(self.result, image_id=report["image_id"])
         self._move(
             via,
             journal=lambda: self._journal.finished(
-                item.tag, item.entry.name, item.entry.region, outcome.value, error, now
+                item.tag,
+                item.entry.name,
+                item.entry.region,
+                outcome.value,
+                error,
+                now,
+                image_id=self.result.image_id,
+                version=item.version_tag,
             ),
             event=event,
             outcome=outcome,
             error=error,
             finished_at=now,
+            **report,
         )
 
     def _unfinished_report(self, error: str | None) -> dict[str, Any]:
+        if self.result.image_id is not None:
+            return {"outcome": Outcome.PENDING, "error": error}
         row = self.row()
-        if row is None:
-            return {"outcome": Outcome.NOT_SUBMITTED, "error": error}
-        if row.phase is Phase.FINISHED:
-            # Finished by an earlier run, and this run never got to it.
-            return {
-                "outcome": Outcome(row.outcome or Outcome.FAILED),
-                "image_id": row.image_id,
-                "status": row.status,
-                "error": row.error,
-                "submitted_at": row.submitted_at,
-                "finished_at": row.finished_at,
-                "duplicates_deleted": row.duplicates,
-            }
-        if row.phase is Phase.SUBMITTED:
-            return {
-                "outcome": Outcome.PENDING,
-                "image_id": row.image_id,
-                "status": row.status,
-                "submitted_at": row.submitted_at,
-            }
-        return {"outcome": Outcome.PENDING, "error": UNKNOWN_CREATE}
+        if row is not None and row.version in (None, self.item.version_tag):
+            if row.phase is Phase.SUBMITTED and row.image_id is not None:
+                # Not reached by this run: the image an earlier run submitted.
+                return {
+                    "outcome": Outcome.PENDING,
+                    "image_id": row.image_id,
+                    "status": row.status,
+                    "submitted_at": row.submitted_at,
+                }
+            if row.phase is Phase.CREATING:
+                return {"outcome": Outcome.PENDING, "error": UNKNOWN_CREATE}
+        return {"outcome": Outcome.NOT_SUBMITTED, "error": error}
 
     def _check(self, via: str) -> State:
         """The state ``via`` leads to, if it may start from the current one."""

@@ -24,34 +24,47 @@ from __future__ import annotations
 import contextlib
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 
 import anyio
 import structlog
 
 from importer.api import Image
 from importer.client import ImagesClient
-from importer.clock import Clock, LoopClock
+from importer.clock import Clock, LoopClock, isoformat
+from importer.converge import Action, Decision, Delete, Rename, Step, created_at, decide, rotate
 from importer.errors import (
     ApiError,
     ApiUnreachableError,
     AuthenticationError,
+    ImageVanishedError,
     RateLimitedError,
     RejectedError,
     TransientApiError,
     UncertainCreateError,
 )
 from importer.governor import Governor, Window
+from importer.identity import entry_tag, set_tag
+from importer.inventory import Inventory, entry_tag_of, group_tag_of, read_inventory
 from importer.journal import MEMORY, EntryState, Journal, Phase
 from importer.lifecycle import EntryLifecycle, State, Turn
-from importer.manifest import Manifest
-from importer.plan import GROUP_TAG_PREFIX, PlannedImport, make_plan
+from importer.manifest import Entry, Manifest
+from importer.plan import (
+    KnownSource,
+    PlannedImport,
+    RunPlan,
+    SourceFacts,
+    fallback_version,
+    make_plan,
+)
 from importer.poller import StatusPoller
 from importer.reconcile import Reconciler
 from importer.redact import redact_text
-from importer.report import ImageResult, Report
+from importer.report import ImageResult, OrphanResult, Outcome, Report
 from importer.settings import Settings
 from importer.sizing import HeadSizer
+from importer.sources import SourceProber
 
 Log = structlog.typing.FilteringBoundLogger
 
@@ -74,8 +87,41 @@ class Stopper:
         return self.reason
 
 
+#: How often one entry is decided anew in a run (an image it watched vanished).
+MAX_DECISIONS = 3
+SourcesFn = Callable[[Sequence[Entry]], Awaitable[Mapping[int, SourceFacts]]]
+
+
+async def read_plan(
+    manifest: Manifest,
+    client: ImagesClient,
+    journal: Journal,
+    clock: Clock,
+    *,
+    sources: Mapping[int, SourceFacts] | None = None,
+    prune: bool = False,
+) -> tuple[RunPlan, Inventory]:
+    """Read the account (the set's listing) and decide every entry: sends only GETs.
+
+    Raises :class:`~importer.errors.ApiError` when the account cannot be read:
+    nothing may be decided without it.
+    """
+    the_set = set_tag(manifest.set)
+    inventory = await read_inventory(client, the_set)
+    items = make_plan(
+        manifest,
+        sources=sources,
+        inventory=inventory,
+        journal=journal,
+        now=isoformat(clock.wall()),
+    )
+    own = {item.tag for item in items}
+    plan = RunPlan(manifest.set, the_set, items, orphans=inventory.orphans(own), prune=prune)
+    return plan, inventory
+
+
 class Importer:
-    """Runs one plan against one API; :meth:`run` once, then :meth:`results`.
+    """Runs one manifest against one account; :meth:`run` once, then :meth:`results`.
 
     Orchestration only: what to do next for each entry. What happened is recorded
     by the entry's :class:`~importer.lifecycle.EntryLifecycle`.
@@ -83,23 +129,33 @@ class Importer:
 
     def __init__(
         self,
-        plan: Sequence[PlannedImport],
+        manifest: Manifest,
         client: ImagesClient,
         poller: StatusPoller,
         journal: Journal,
         clock: Clock,
         settings: Settings,
+        *,
+        sources: SourcesFn | None = None,
+        prune: bool = False,
+        on_plan: Callable[[RunPlan], None] | None = None,
     ) -> None:
-        self._plan = tuple(plan)
+        self._manifest = manifest
         self._client = client
         self._poller = poller
         self._journal = journal
         self._clock = clock
         self._settings = settings
+        self._sources = sources
+        self._prune = prune
+        self._on_plan = on_plan
         self._log: Log = structlog.get_logger("importer.pipeline")
-        self._entries = {
-            item.index: EntryLifecycle(item, journal, clock, self._log) for item in self._plan
-        }
+        self._entries: dict[int, EntryLifecycle] = {}
+        #: Every live image of each entry of the plan, as last seen (id -> image).
+        self._known: dict[str, dict[int, Image]] = {}
+        self.plan: RunPlan | None = None
+        self.orphans: dict[int, OrphanResult] = {}
+        poller.on_listed = self._listed
         self._reconciler = Reconciler(
             client,
             journal,
@@ -116,7 +172,12 @@ class Importer:
     # -- running ------------------------------------------------------------------
 
     async def run(self, stopper: Stopper | None = None) -> None:
-        self._log.info("run.started", images=len(self._plan), api_url=self._settings.api_url)
+        self._log.info(
+            "run.started",
+            images=len(self._manifest.entries),
+            set=self._manifest.set,
+            api_url=self._settings.api_url,
+        )
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._report_progress)
             outer.start_soon(self._poller.run)
@@ -125,26 +186,14 @@ class Importer:
             if self._settings.deadline is not None:
                 outer.start_soon(self._stop_at_deadline, self._settings.deadline)
             with anyio.CancelScope() as self._scope:
-                # An image's task starts when its turn to submit comes: thousands of
-                # tasks queued inside the client would cost memory and nothing else.
-                turns = anyio.Semaphore(self._settings.concurrency)
-                async with anyio.create_task_group() as images:
-                    # Entries an earlier run submitted or finished need no turn.
-                    to_submit = []
-                    for entry in self._entries.values():
-                        row = entry.row()
-                        if row is not None and row.phase in (Phase.SUBMITTED, Phase.FINISHED):
-                            images.start_soon(self._import_one, entry, Turn())
-                        else:
-                            to_submit.append(entry)
-                    for entry in to_submit:
-                        await turns.acquire()
-                        images.start_soon(self._import_one, entry, Turn(turns))
+                plan = await self._make_plan()
+                if plan is not None:
+                    await self._execute(plan)
             outer.cancel_scope.cancel()
         for entry in self._entries.values():
             if not entry.done:
                 entry.stopped()
-        counts = Counter(entry.result.outcome.value for entry in self._entries.values())
+        counts = Counter(result.outcome.value for result in self.results())
         self._log.info("run.finished", stopped=self.stopped, **counts)
 
     def stop(self, reason: str) -> None:
@@ -162,6 +211,106 @@ class Importer:
         await self._clock.sleep(seconds)
         self.stop("deadline")
 
+    # -- planning -------------------------------------------------------------------
+
+    async def _make_plan(self) -> RunPlan | None:
+        """Probe the sources, read the account, decide: before anything is sent."""
+        sources = await self._sources(self._manifest.entries) if self._sources else None
+        try:
+            plan, inventory = await read_plan(
+                self._manifest,
+                self._client,
+                self._journal,
+                self._clock,
+                sources=sources,
+                prune=self._prune,
+            )
+        except AuthenticationError as exc:
+            self._fail_run(None, "authentication_failed", exc)
+            return None
+        except ApiUnreachableError as exc:
+            self._fail_run(None, "api_unreachable", exc)
+            return None
+        except ApiError as exc:
+            # Deciding without the account could only make duplicates.
+            self._fail_run(None, "account_unreadable", exc)
+            return None
+        self.plan = plan
+        for item in plan.items:
+            self._known[item.tag] = {image.id: image for image in inventory.entry(item.tag)}
+            self._entries[item.index] = EntryLifecycle(item, self._journal, self._clock, self._log)
+        self.orphans = {
+            image.id: OrphanResult(image.id, image.name, entry_tag_of(image), image.status)
+            for image in plan.orphans
+        }
+        self._log_plan(plan)
+        if self._on_plan is not None:
+            self._on_plan(plan)
+        return plan
+
+    def _log_plan(self, plan: RunPlan) -> None:
+        counts = plan.counts()
+        self._log.info("plan.made", set=plan.set, summary=plan.summary_line(), **counts)
+        for item in plan.items:
+            if not plan.needs_work(item):
+                continue
+            steps = item.rotation.steps if item.rotation is not None else ()
+            self._log.info(
+                "plan.entry",
+                index=item.index,
+                name=item.entry.name,
+                region=item.entry.region,
+                action=item.decision.action.value,
+                version=str(item.version) if item.version is not None else None,
+                image_id=item.decision.watched_id,
+                renames=sum(isinstance(step, Rename) for step in steps),
+                deletes=sum(isinstance(step, Delete) for step in steps),
+                error=item.decision.error,
+            )
+        for image in plan.orphans:
+            self._log.warning("plan.orphan", image_id=image.id, name=image.name, delete=plan.prune)
+
+    # -- executing ------------------------------------------------------------------
+
+    async def _execute(self, plan: RunPlan) -> None:
+        # An image's task starts when its turn to submit comes: thousands of
+        # tasks queued inside the client would cost memory and nothing else.
+        turns = anyio.Semaphore(self._settings.concurrency)
+        async with anyio.create_task_group() as images:
+            if self._prune and plan.orphans:
+                images.start_soon(self._prune_orphans, plan.orphans)
+            waiting: list[EntryLifecycle] = []
+            for item in plan.items:
+                entry = self._entries[item.index]
+                decision = item.decision
+                if decision.action is Action.ERROR:
+                    entry.source_failed(decision.error or "the source could not be read")
+                elif decision.imports:
+                    waiting.append(entry)
+                elif self._nothing_to_do(item):
+                    # Most of a nightly run: settled here, without a task.
+                    assert decision.image is not None
+                    entry.unchanged(decision.image)
+                    entry.available(decision.image)
+                else:
+                    # Watching or rotating needs no turn to submit.
+                    images.start_soon(self._import_one, entry, Turn())
+            for entry in waiting:
+                await turns.acquire()
+                images.start_soon(self._import_one, entry, Turn(turns))
+
+    @staticmethod
+    def _nothing_to_do(item: PlannedImport) -> bool:
+        decision = item.decision
+        return (
+            decision.action is Action.UNCHANGED
+            and not decision.reconcile
+            and item.rotation is not None
+            and item.rotation.is_empty
+            and decision.image is not None
+            and decision.image.id == item.rotation.keeper
+        )
+
     async def _import_one(self, entry: EntryLifecycle, turn: Turn) -> None:
         entry.take_turn(turn)
         try:
@@ -170,35 +319,140 @@ class Importer:
             entry.close()
 
     async def _import(self, entry: EntryLifecycle) -> None:
-        row = entry.row()
-        if row is not None and row.phase is Phase.FINISHED:
-            entry.restored(row)
-            return
+        decision: Decision | None = entry.item.decision
         try:
-            submitted = await self._ensure_submitted(entry, row)
-            if submitted is None:
-                return
-            image_id, fresh, group = submitted
-            final = await self._wait_for(entry, image_id, fresh, group)
-            if self._uncertain_creates(entry) > 0:
-                # Whatever the outcome, the entry must not end with a second live image.
-                deleted = await self._reconciler.sweep(entry.item, keep=image_id, log=entry.log)
-                entry.duplicates_deleted(deleted)
-            if final is None:
-                entry.timed_out(self._settings.image_timeout)
-            elif final.is_available:
-                entry.available(final)
-            else:
-                error = redact_text(final.error_message) or f"the image turned {final.status}"
-                entry.failed(error, final)
+            for attempt in range(1, MAX_DECISIONS + 1):
+                assert decision is not None
+                decision = await self._pursue(entry, decision, last=attempt == MAX_DECISIONS)
+                if decision is None:
+                    return
         except AuthenticationError as exc:
             self._fail_run(entry, "authentication_failed", exc)
         except ApiUnreachableError as exc:
             self._fail_run(entry, "api_unreachable", exc)
         except ApiError as exc:
-            # Polling gave up on this image (e.g. it vanished), or an answer no rule
-            # foresaw: this image's failure, not the run's.
+            # Polling gave up on this image, or an answer no rule foresaw: this
+            # entry's failure, not the run's.
             entry.failed(exc.safe_message)
+
+    async def _pursue(
+        self, entry: EntryLifecycle, decision: Decision, *, last: bool
+    ) -> Decision | None:
+        """Carry out one decision; a new one when the entry must be decided again."""
+        item = entry.item
+        row = entry.row()
+        if decision.reconcile and row is not None and row.phase is Phase.CREATING:
+            # An earlier run's create whose answer was lost: find its image first.
+            entry.resumed_uncertain(row)
+            if not decision.imports:
+                found = await self._reconciler.find(item, entry.log)
+                entry.duplicates_deleted(self._journal_duplicates(entry))
+                if found is not None:
+                    entry.adopted(found)
+                    self._learn(entry.tag, found)
+                    group = group_tag_of(found) or item.group
+                    return await self._watch(
+                        entry, found.id, group, fresh=False, ours=True, last=last
+                    )
+        if decision.action is Action.ERROR:
+            entry.source_failed(decision.error or "the source could not be read")
+            return None
+        if decision.action is Action.UNCHANGED:
+            assert decision.image is not None
+            entry.unchanged(decision.image)
+            await self._rotate(entry, decision.image)
+            return None
+        if decision.action is Action.WATCH:
+            return await self._watch_earlier(entry, decision, row, last=last)
+        image = await self._submit(entry)
+        if image is None:
+            return None
+        self._learn(entry.tag, image)
+        group = group_tag_of(image) or item.group
+        return await self._watch(entry, image.id, group, fresh=True, ours=True, last=last)
+
+    async def _watch_earlier(
+        self, entry: EntryLifecycle, decision: Decision, row: EntryState | None, *, last: bool
+    ) -> Decision | None:
+        """Watch an image an earlier run created, found in the account or the journal."""
+        image = decision.image
+        if image is not None:
+            group = group_tag_of(image) or entry.item.group
+            entry.watching(
+                image.id,
+                image.status,
+                submitted_at=created_at(image),
+                group=group,
+                source="account",
+            )
+            return await self._watch(entry, image.id, group, fresh=False, ours=False, last=last)
+        assert decision.image_id is not None
+        group = (row.group if row is not None else None) or entry.item.group
+        entry.watching(
+            decision.image_id,
+            row.status if row is not None else None,
+            submitted_at=row.submitted_at if row is not None else None,
+            group=group,
+            source="journal",
+        )
+        return await self._watch(
+            entry, decision.image_id, group, fresh=False, ours=False, last=last
+        )
+
+    async def _watch(
+        self,
+        entry: EntryLifecycle,
+        image_id: int,
+        group: str,
+        *,
+        fresh: bool,
+        ours: bool,
+        last: bool,
+    ) -> Decision | None:
+        try:
+            final = await self._wait_for(entry, image_id, fresh, group)
+        except ImageVanishedError as exc:
+            if last:
+                raise
+            # Deleted by someone (a person, or another run keeping another copy).
+            return await self._redecide(entry, image_id, exc.safe_message)
+        if self._uncertain_creates(entry) > 0 and entry.state is State.IMPORTING:
+            # Whatever the outcome, the entry must not end with a second copy of
+            # what its lost create made.
+            deleted = await self._reconciler.sweep(entry.item, keep=image_id, log=entry.log)
+            entry.duplicates_deleted(deleted)
+            for gone in deleted:
+                self._forget(entry.tag, gone)
+        if final is None:
+            entry.timed_out(self._settings.image_timeout)
+            return None
+        self._learn(entry.tag, final)
+        if final.is_available:
+            await self._rotate(entry, final)
+            return None
+        error = redact_text(final.error_message) or f"the image turned {final.status}"
+        if not ours and not last:
+            # An earlier run's import failed: this run imports the entry again.
+            return await self._redecide(entry, image_id, error)
+        entry.failed(error, final)
+        return None
+
+    async def _redecide(self, entry: EntryLifecycle, image_id: int, error: str) -> Decision:
+        """The watched image is gone or failed: decide again from a fresh look at the entry."""
+        self._forget(entry.tag, image_id)
+        for image in await self._client.list(tag_name=entry.tag):
+            self._learn(entry.tag, image)
+        images = [i for i in self._known[entry.tag].values() if i.id != image_id]
+        item = entry.item
+        decision = decide(
+            name=item.entry.name,
+            version_tag=item.version_tag,
+            source_error=item.source_error,
+            images=images,
+            row=None,
+        )
+        entry.lost(error, decision)
+        return decision
 
     async def _wait_for(
         self, entry: EntryLifecycle, image_id: int, fresh: bool, group: str
@@ -209,7 +463,7 @@ class Importer:
         with self._clock.move_on_after(max(0.0, self._settings.image_timeout - elapsed)):
             return await self._poller.wait(
                 image_id,
-                entry.saw,
+                lambda image: self._saw(entry, image),
                 group=group,
                 size=entry.item.size,
                 submitted_at=submitted_at,
@@ -221,36 +475,29 @@ class Importer:
             image = await self._client.get(image_id)
         except (TransientApiError, RateLimitedError):
             return None
-        entry.saw(image)
+        self._saw(entry, image)
         return image if image.is_available or image.has_failed else None
+
+    def _saw(self, entry: EntryLifecycle, image: Image) -> None:
+        self._learn(entry.tag, image)
+        entry.saw(image)
 
     # -- submitting, without ever making a duplicate --------------------------------
 
-    async def _ensure_submitted(
-        self, entry: EntryLifecycle, row: EntryState | None
-    ) -> tuple[int, bool, str] | None:
-        """The entry's image id, creating the image if (and only if) it does not exist.
+    async def _submit(self, entry: EntryLifecycle) -> Image | None:
+        """Create the entry's image, unless the uncertain create before it made one.
 
-        Also says whether this run created it just now, and the group tag the
-        image carries. ``None`` when the entry ended without an image.
+        ``None`` when the entry ended without an image.
         """
         item = entry.item
-        if row is not None and row.phase is Phase.SUBMITTED and row.image_id is not None:
-            entry.resumed(row)
-            return row.image_id, False, row.group or item.group
-        if row is not None and row.phase is Phase.CREATING:
-            entry.resumed_uncertain(row)
         creates = self._uncertain_creates(entry)
         while True:
             if entry.state is State.UNCERTAIN:
                 found = await self._reconciler.find(item, entry.log)
                 entry.duplicates_deleted(self._journal_duplicates(entry))
                 if found is not None:
-                    group = next(
-                        (t for t in found.tags or () if t.startswith(GROUP_TAG_PREFIX)), item.group
-                    )
                     entry.adopted(found)
-                    return found.id, False, group
+                    return found
             if creates >= self._settings.max_creates:
                 entry.abandoned(creates)
                 return None
@@ -270,7 +517,7 @@ class Importer:
                 entry.uncertain(exc.safe_message, creates)
                 continue
             entry.submitted(image)
-            return image.id, True, item.group
+            return image
 
     def _uncertain_creates(self, entry: EntryLifecycle) -> int:
         row = entry.row()
@@ -281,18 +528,126 @@ class Importer:
         return row.duplicates if row is not None else ()
 
     def _importing_group(self) -> str | None:
-        for item in self._plan:
-            result = self._entries[item.index].result
+        for entry in self._entries.values():
+            result = entry.result
             if result.image_id is not None and result.status in ("NEW", "pending"):
-                return item.group
+                return entry.item.group
         return None
 
-    def _fail_run(self, entry: EntryLifecycle, reason: str, exc: ApiError) -> None:
+    # -- rotation: the name on the newest, older versions kept or deleted -----------
+
+    async def _rotate(self, entry: EntryLifecycle, image: Image) -> None:
+        """Put the entry's names and versions right, from what the account showed."""
+        item = entry.item
+        self._learn(entry.tag, image)
+        known = self._known[entry.tag]
+        assert item.version_tag is not None
+        rotation = rotate(
+            name=item.entry.name,
+            keep=item.entry.keep,
+            version_tag=item.version_tag,
+            images=list(known.values()),
+        )
+        if rotation is None:  # the image just seen available is of this version
+            raise AssertionError("rotation without an available image of the version")
+        keeper = known[rotation.keeper]
+        if keeper.id != entry.result.image_id:
+            entry.kept(keeper)
+        problems: list[str] = []
+        if rotation.steps:
+            entry.rotating(len(rotation.steps))
+            problems = await self._apply(entry, rotation.steps)
+        error = None
+        if problems:
+            error = "names and versions not put right (the next run finishes): " + "; ".join(
+                problems
+            )
+        entry.available(known.get(keeper.id, keeper), error=error)
+
+    async def _apply(self, entry: EntryLifecycle, steps: Sequence[Step]) -> list[str]:
+        known = self._known[entry.tag]
+        problems: list[str] = []
+        for step in steps:
+            try:
+                if isinstance(step, Rename):
+                    renamed = await self._client.update(step.image_id, name=step.new)
+                    known[step.image_id] = renamed
+                    entry.renamed(step.image_id, step.old, step.new)
+                else:
+                    await self._client.delete(step.image_id)
+                    known.pop(step.image_id, None)
+                    entry.deleted(step.image_id, step.reason)
+            except (AuthenticationError, ApiUnreachableError):
+                raise
+            except RejectedError as exc:
+                if exc.status == 404:
+                    known.pop(step.image_id, None)  # gone already
+                    continue
+                # Refused (an image still importing may not be deletable): say so, go on.
+                problems.append(f"image {step.image_id}: {exc.safe_message}")
+                entry.log.warning(
+                    "image.rotation_refused", image_id=step.image_id, error=exc.safe_message
+                )
+            except ApiError as exc:
+                problems.append(f"image {step.image_id}: {exc.safe_message}")
+                entry.log.warning(
+                    "image.rotation_failed", image_id=step.image_id, error=exc.safe_message
+                )
+                break  # the steps after it rely on it (the name must be free first)
+        return problems
+
+    async def _prune_orphans(self, orphans: Sequence[Image]) -> None:
+        """``--prune``: delete the set's images whose entry left the manifest."""
+        for image in orphans:
+            result = self.orphans[image.id]
+            try:
+                await self._client.delete(image.id)
+            except AuthenticationError as exc:
+                self._fail_run(None, "authentication_failed", exc)
+                return
+            except ApiUnreachableError as exc:
+                self._fail_run(None, "api_unreachable", exc)
+                return
+            except RejectedError as exc:
+                if exc.status != 404:
+                    self.orphans[image.id] = replace(result, error=exc.safe_message)
+                    self._log.warning(
+                        "image.prune_failed", image_id=image.id, error=exc.safe_message
+                    )
+                    continue
+            except ApiError as exc:
+                self.orphans[image.id] = replace(result, error=exc.safe_message)
+                self._log.warning("image.prune_failed", image_id=image.id, error=exc.safe_message)
+                continue
+            self.orphans[image.id] = replace(result, deleted=True)
+            self._log.info("image.pruned", image_id=image.id, name=image.name)
+
+    # -- what the account showed --------------------------------------------------------
+
+    def _listed(self, images: Sequence[Image]) -> None:
+        """A group listing: note every image of an entry of the plan (another run's too)."""
+        for image in images:
+            tag = entry_tag_of(image)
+            if tag is not None and tag in self._known:
+                self._learn(tag, image)
+
+    def _learn(self, tag: str, image: Image) -> None:
+        known = self._known.setdefault(tag, {})
+        if image.has_failed:
+            known.pop(image.id, None)
+        else:
+            known[image.id] = image
+
+    def _forget(self, tag: str, image_id: int) -> None:
+        self._known.get(tag, {}).pop(image_id, None)
+
+    def _fail_run(self, entry: EntryLifecycle | None, reason: str, exc: ApiError) -> None:
         # Every image task that was waiting learns of the one event: it is logged once.
         if reason not in self._run_failures:
             self._run_failures.add(reason)
             self._log.error(f"run.{reason}", error=str(exc))
-        entry.note_error(exc.safe_message)
+        if entry is not None:
+            entry.note_error(exc.safe_message)
         self.stop(reason)
 
     # -- reporting ------------------------------------------------------------------
@@ -310,6 +665,17 @@ class Importer:
 
     def results(self) -> tuple[ImageResult, ...]:
         """One result per entry, in manifest order."""
+        if not self._entries:  # stopped before the plan was made
+            return tuple(
+                ImageResult(
+                    index=entry.index,
+                    name=entry.name,
+                    region=entry.region,
+                    tag=entry_tag(self._manifest.set, entry.name, entry.region),
+                    outcome=Outcome.NOT_SUBMITTED,
+                )
+                for entry in self._manifest.entries
+            )
         return tuple(self._entries[index].result for index in sorted(self._entries))
 
 
@@ -321,17 +687,23 @@ async def run_import(
     stopper: Stopper | None = None,
     journal: Journal | None = None,
     sizer: HeadSizer | None = None,
+    prober: SourceProber | None = None,
+    prune: bool = False,
+    on_plan: Callable[[RunPlan], None] | None = None,
     seed: int | None = None,
 ) -> Report:
-    """Import every image of ``manifest``; the report says how each ended.
+    """Make the account hold what ``manifest`` asks for; the report says how each entry ended.
 
     Raises only for bugs, cancellation, and a state file that cannot be used
     (:class:`~importer.errors.StateLockedError` when another process holds it).
     ``journal`` is an already open journal (the caller closes it); without one,
-    ``settings.state_path`` is opened for the run. With a ``sizer``, the source
-    files are sized first (``HEAD``, no API budget) and the longest imports go first.
-    Every API failure becomes part of the report; ``report.stopped`` says whether
-    the run ended early, and why.
+    ``settings.state_path`` is opened for the run. With a ``prober``, each source is
+    asked once (``HEAD``, no API budget) for its size and version; with only a
+    ``sizer``, for its size (the version is then the entry's checksum, else its
+    URL). Known sizes send the longest imports first. ``prune`` deletes the set's
+    images whose entry left the manifest; ``on_plan`` sees the plan before anything
+    is sent. Every API failure becomes part of the report; ``report.stopped`` says
+    whether the run ended early, and why.
     """
     clock = clock or LoopClock()
     rng = random.Random(seed)  # noqa: S311 - jitter, not cryptography
@@ -344,7 +716,6 @@ async def run_import(
         ),
     )
     started = clock.wall()
-    sizes = await sizer.sizes(manifest.entries) if sizer is not None else None
     with contextlib.ExitStack() as stack:
         if journal is None:
             journal = stack.enter_context(Journal(settings.state_path or MEMORY))
@@ -357,8 +728,17 @@ async def run_import(
                 image_timeout=settings.image_timeout,
                 rng=rng,
             )
-            plan = make_plan(manifest, sizes)
-            importer = Importer(plan, client, poller, journal, clock, settings)
+            importer = Importer(
+                manifest,
+                client,
+                poller,
+                journal,
+                clock,
+                settings,
+                sources=source_reader(prober, sizer),
+                prune=prune,
+                on_plan=on_plan,
+            )
             await importer.run(stopper)
     return Report(
         manifest=manifest.source,
@@ -370,4 +750,58 @@ async def run_import(
         rate_limited=governor.rate_limited,
         stopped=importer.stopped,
         requests_by_endpoint=dict(client.sent),
+        set=manifest.set,
+        orphans=tuple(importer.orphans.values()),
     )
+
+
+def source_reader(prober: SourceProber | None, sizer: HeadSizer | None) -> SourcesFn | None:
+    """How a run learns its sources: probed (size and version), sized only, or not at all."""
+    if prober is not None:
+        return prober.probe_all
+
+    if sizer is None:
+        return None
+    known = sizer
+
+    async def sized(entries: Sequence[Entry]) -> Mapping[int, SourceFacts]:
+        sizes = await known.sizes(entries)
+        return {
+            entry.index: KnownSource(sizes.get(entry.index), fallback_version(entry))
+            for entry in entries
+        }
+
+    return sized
+
+
+async def plan_only(
+    manifest: Manifest,
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    journal: Journal | None = None,
+    prober: SourceProber | None = None,
+    prune: bool = False,
+) -> RunPlan:
+    """``importer plan``: read the sources and the account, decide; send no POST, PUT or DELETE.
+
+    Raises :class:`~importer.errors.ApiError` when the account cannot be read.
+    """
+    clock = clock or LoopClock()
+    governor = Governor(
+        clock,
+        concurrency=settings.concurrency,
+        windows=(
+            Window(settings.effective_per_minute, 60.0),
+            Window(settings.effective_per_hour, 3600.0),
+        ),
+    )
+    sources = await prober.probe_all(manifest.entries) if prober is not None else None
+    with contextlib.ExitStack() as stack:
+        if journal is None:
+            journal = stack.enter_context(Journal(settings.state_path or MEMORY))
+        async with ImagesClient.open(settings, governor, clock) as client:
+            plan, _ = await read_plan(
+                manifest, client, journal, clock, sources=sources, prune=prune
+            )
+    return plan

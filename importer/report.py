@@ -13,7 +13,9 @@ from typing import Any
 
 from importer.clock import isoformat
 
-REPORT_VERSION = 1
+#: 2: each image says its action, version, renames and deletions; the report names
+#: its set and lists orphaned images (see the README's "The report").
+REPORT_VERSION = 2
 
 
 class Outcome(StrEnum):
@@ -38,6 +40,18 @@ class Outcome(StrEnum):
 
 
 @dataclass(frozen=True)
+class Renamed:
+    """One image renamed by rotation."""
+
+    image_id: int
+    old: str
+    new: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"image_id": self.image_id, "from": self.old, "to": self.new}
+
+
+@dataclass(frozen=True)
 class ImageResult:
     """The line of the report for one manifest entry."""
 
@@ -51,8 +65,18 @@ class ImageResult:
     error: str | None = None
     submitted_at: float | None = None
     finished_at: float | None = None
-    #: Extra copies that lost create answers made, found by tag and deleted.
+    #: Extra copies of one version (lost create answers, concurrent runs), deleted.
     duplicates_deleted: tuple[int, ...] = ()
+    #: What the run did for the entry: ``create``, ``replace``, ``unchanged``,
+    #: ``watch`` or ``error`` (see :class:`importer.converge.Action`).
+    action: str | None = None
+    #: The source's version (its short label) and what decided it.
+    version: str | None = None
+    version_source: str | None = None
+    #: Renames by rotation, in the order made.
+    renamed: tuple[Renamed, ...] = ()
+    #: Older versions deleted by rotation (beyond ``keep``).
+    deleted: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -60,7 +84,25 @@ class ImageResult:
         data["submitted_at"] = _iso(self.submitted_at)
         data["finished_at"] = _iso(self.finished_at)
         data["duplicates_deleted"] = list(self.duplicates_deleted)
+        data["renamed"] = [rename.to_json() for rename in self.renamed]
+        data["deleted"] = list(self.deleted)
         return data
+
+
+@dataclass(frozen=True)
+class OrphanResult:
+    """An image of the set whose entry left the manifest."""
+
+    image_id: int
+    name: str
+    tag: str | None
+    status: str
+    #: Deleted by this run (``--prune``).
+    deleted: bool = False
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -77,13 +119,19 @@ class Report:
     #: Why the run ended early, if it did (``authentication_failed``, ``interrupted``...).
     stopped: str | None = None
     requests_by_endpoint: dict[str, int] = field(default_factory=dict)
+    #: The set whose images the manifest owns (see :mod:`importer.identity`).
+    set: str | None = None
+    orphans: tuple[OrphanResult, ...] = ()
 
     def counts(self) -> Counter[Outcome]:
         return Counter(result.outcome for result in self.images)
 
     @property
     def all_available(self) -> bool:
-        return all(result.outcome.is_success for result in self.images)
+        """Every entry available, its names and versions put right (no error left)."""
+        return all(r.outcome.is_success and r.error is None for r in self.images) and not any(
+            orphan.error for orphan in self.orphans
+        )
 
     def to_json(self) -> dict[str, Any]:
         counts = self.counts()
@@ -92,9 +140,16 @@ class Report:
         summary["requests"] = self.requests
         summary["rate_limited"] = self.rate_limited
         summary["duplicates_deleted"] = sum(len(r.duplicates_deleted) for r in self.images)
+        actions = Counter(r.action for r in self.images if r.action)
+        summary["actions"] = dict(sorted(actions.items()))
+        summary["renamed"] = sum(len(r.renamed) for r in self.images)
+        summary["deleted"] = sum(len(r.deleted) for r in self.images)
+        summary["orphaned"] = len(self.orphans)
+        summary["orphans_deleted"] = sum(orphan.deleted for orphan in self.orphans)
         return {
             "report_version": REPORT_VERSION,
             "manifest": self.manifest,
+            "set": self.set,
             "api_url": self.api_url,
             "started_at": _iso(self.started_at),
             "finished_at": _iso(self.finished_at),
@@ -102,6 +157,7 @@ class Report:
             "summary": summary,
             "requests_by_endpoint": dict(sorted(self.requests_by_endpoint.items())),
             "images": [result.to_json() for result in self.images],
+            "orphans": [orphan.to_json() for orphan in self.orphans],
         }
 
     def write(self, path: Path) -> None:
@@ -120,12 +176,18 @@ class Report:
         # A short run lists every image; a long one only those needing attention.
         every = len(self.images) <= 20
         for result in self.images:
-            if every or not result.outcome.is_success:
+            if every or not result.outcome.is_success or result.error:
                 ident = f" image {result.image_id}" if result.image_id else ""
+                action = f" [{result.action}]" if result.action else ""
                 error = f": {result.error}" if result.error else ""
                 lines.append(
-                    f"  {result.outcome.value:<13} {result.name} ({result.region}){ident}{error}"
+                    f"  {result.outcome.value:<13} {result.name} ({result.region}){ident}"
+                    f"{action}{error}"
                 )
+        for orphan in self.orphans:
+            done = "deleted" if orphan.deleted else "orphaned"
+            error = f": {orphan.error}" if orphan.error else ""
+            lines.append(f"  {done:<13} {orphan.name} image {orphan.image_id}{error}")
         return "\n".join(lines)
 
 
