@@ -1,6 +1,7 @@
 """What DigitalOcean accepts for a custom image: the facts both sides agree on.
 
-Sources: ``digitalocean-images.openapi.yaml`` (enums) and ``do-api-facts.md``.
+Sources: DigitalOcean's OpenAPI description (enums) and the facts listed in README.md,
+"What the importer relies on about DigitalOcean's API".
 The manifest validates against these; the simulator enforces the same rules.
 """
 

@@ -1,18 +1,24 @@
 """The ``importer`` command: ``run``, ``validate`` and ``simulate``.
 
 Exit codes: 0 every image available; 1 some image failed, timed out or was
-rejected; 2 invalid manifest or usage (or the state file is in use); 3
-authentication failed or the API unreachable; 4 the ``--deadline`` passed; 130
-interrupted (SIGINT); 143 terminated (SIGTERM).
+rejected; 2 invalid manifest or usage (or the state file is in use, or the report
+cannot be written); 3 authentication failed or the API unreachable; 4 the
+``--deadline`` passed; 130 interrupted (SIGINT); 143 terminated (SIGTERM).
+
+Every check of the command line and of the paths to write is made before the first
+request. Logs go to stderr; with ``--log-format json`` every stderr line is JSON.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import fields, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn, TypeVar
@@ -20,16 +26,25 @@ from urllib.parse import urlsplit
 
 import anyio
 import click
+import structlog
 
-from importer.catalog import API_URL_ENV, TOKEN_ENV
+from importer.catalog import API_URL_ENV, DEFAULT_API_URL, TOKEN_ENV
 from importer.clock import LoopClock, VirtualTimeLoop
 from importer.durations import parse_duration
-from importer.errors import ImporterError, UsageError
+from importer.errors import (
+    ImporterError,
+    InvalidSettingError,
+    ListenError,
+    ManifestError,
+    OutputPathError,
+    Problem,
+    UsageError,
+)
 from importer.journal import MEMORY, Journal
 from importer.logs import LogFormat, configure_logging
-from importer.manifest import Manifest, load_manifest
+from importer.manifest import Manifest, load_manifest, parse_manifest
 from importer.pipeline import Stopper, run_import
-from importer.report import Report
+from importer.report import Report, plural, unwritable_reason
 from importer.settings import Settings, Token, default_api_url
 from importer.simulator import SimulatorConfig, run_simulator
 from importer.sizing import HeadSizer
@@ -51,6 +66,9 @@ _STOP_EXIT = {
 }
 _SIGNAL_REASONS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
 DEFAULT_STATE = Path("importer-state.sqlite")
+#: ``--report -`` and ``validate -``: standard output, standard input.
+DASH = Path("-")
+STDIN_SOURCE = "<stdin>"
 FC = TypeVar("FC", bound=Callable[..., Any])
 
 
@@ -73,16 +91,44 @@ class Duration(click.ParamType):  # type: ignore[type-arg]  # generic in newer s
 DURATION = Duration()
 
 
-def _die(error: ImporterError) -> NoReturn:
-    click.echo(f"error: {error}", err=True)
+def _die(error: ImporterError, log_format: LogFormat = "console") -> NoReturn:
+    """One line (or one JSON event) saying what is wrong and what to do, then the exit code."""
+    if log_format == "json":
+        structlog.get_logger("importer.cli").error(
+            "cli.error", error=str(error), exit_code=error.exit_code
+        )
+    else:
+        click.echo(f"error: {error}", err=True)
     sys.exit(error.exit_code)
 
 
-def _load(path: Path) -> Manifest:
+def _load(path: Path, log_format: LogFormat = "console") -> Manifest:
     try:
+        if path == DASH:
+            return _load_stdin()
         return load_manifest(path)
     except ImporterError as error:
-        _die(error)
+        _die(error, log_format)
+
+
+def _load_stdin() -> Manifest:
+    """A manifest from standard input: YAML, or JSON (which YAML reads too)."""
+    data = sys.stdin.buffer.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        problem = Problem(f"the manifest is not UTF-8 text (byte at offset {exc.start})")
+        raise ManifestError(STDIN_SOURCE, [problem]) from exc
+    return parse_manifest(text, source=STDIN_SOURCE)
+
+
+def _flags(command: click.Command) -> dict[str, str]:
+    """Each option's parameter name -> its flag: ``image_timeout`` -> ``--timeout``."""
+    return {
+        param.name: param.opts[0]
+        for param in command.params
+        if isinstance(param, click.Option) and param.name
+    }
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -92,11 +138,12 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("manifest", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("manifest", type=click.Path(path_type=Path, dir_okay=False, allow_dash=True))
 def validate(manifest: Path) -> None:
-    """Check MANIFEST without sending anything; list every problem."""
+    """Check MANIFEST (- for standard input) without sending anything; list every problem."""
     loaded = _load(manifest)
-    click.echo(f"{manifest}: {len(loaded.entries)} images, no problems")
+    source = STDIN_SOURCE if manifest == DASH else manifest
+    click.echo(f"{source}: {plural(len(loaded.entries), 'image')}, no problems")
 
 
 @main.command()
@@ -104,10 +151,10 @@ def validate(manifest: Path) -> None:
 @click.option(
     "--report",
     "report_path",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=click.Path(path_type=Path, dir_okay=False, allow_dash=True),
     default=Path("import-report.json"),
     show_default=True,
-    help="Where to write the JSON report.",
+    help="Where to write the JSON report; - for standard output (the summary then goes to stderr).",
 )
 @click.option(
     "--state",
@@ -188,13 +235,15 @@ def validate(manifest: Path) -> None:
     "--first-poll",
     type=DURATION,
     default=None,
-    help="Wait before an image's first status check [default: 60s; 1s with --simulate].",
+    help="Wait before an image's first status check "
+    f"[default: {Settings.first_poll:g}s; 1s with --simulate].",
 )
 @click.option(
     "--poll-interval",
     type=DURATION,
     default=None,
-    help="Between status checks of one image [default: 30s; 1s with --simulate].",
+    help="Between status checks of one image "
+    f"[default: {Settings.poll_interval:g}s; 1s with --simulate].",
 )
 @click.option(
     "--log-format",
@@ -223,29 +272,64 @@ def run(
     log_format: LogFormat,
 ) -> None:
     """Import every image of MANIFEST and write a report."""
+    # Set up first, so that even a refusal is a JSON line when JSON is asked for.
+    configure_logging(log_format)
+    for flag, given in (("--api-url", api_url is not None), ("--token-file", token_file)):
+        if simulate and given:
+            _die(
+                UsageError(
+                    f"{flag} does not go with --simulate, which runs against its own "
+                    f"simulator and needs no token; drop {flag} or --simulate"
+                ),
+                log_format,
+            )
     if virtual_time and not simulate:
-        _die(UsageError("--virtual-time needs --simulate: the real API runs on real time"))
-    loaded = _load(manifest)
+        _die(
+            UsageError("--virtual-time needs --simulate: the real API runs on real time"),
+            log_format,
+        )
+    if manifest == DASH:
+        _die(
+            UsageError(
+                "run reads its manifest from a file (the file's name names the image groups); "
+                "save it to a file first (`importer validate -` checks standard input)"
+            ),
+            log_format,
+        )
+    loaded = _load(manifest, log_format)
     try:
         token = Token("simulated") if simulate else Token.from_env_or_file(token_file)
         demo = 1.0 if simulate else None
         settings = Settings(
             token=token,
-            api_url=default_api_url() if api_url is None or simulate else api_url,
+            # A simulated run is pointed at its simulator once that listens.
+            api_url=(
+                DEFAULT_API_URL if simulate else default_api_url() if api_url is None else api_url
+            ),
             concurrency=concurrency,
             per_minute=per_minute,
             per_hour=per_hour,
             reserve=reserve,
             image_timeout=image_timeout,
             deadline=deadline,
-            first_poll=first_poll or demo or Settings.first_poll,
-            poll_interval=poll_interval or demo or Settings.poll_interval,
+            first_poll=first_poll if first_poll is not None else demo or Settings.first_poll,
+            poll_interval=(
+                poll_interval if poll_interval is not None else demo or Settings.poll_interval
+            ),
             progress_interval=5.0 if simulate else Settings.progress_interval,
             report_path=report_path,
             state_path=state_path if state_path or simulate else DEFAULT_STATE,
         )
+    except InvalidSettingError as error:
+        flags = _flags(click.get_current_context().command)
+        _die(error.renamed(flags.get(error.setting, error.setting)), log_format)
     except ImporterError as error:
-        _die(error)
+        _die(error, log_format)
+    to_stdout = settings.report_path == DASH
+    # The report is written when the run ends, maybe hours from now: find out now.
+    reason = None if to_stdout else unwritable_reason(settings.report_path)
+    if reason is not None:
+        _die(OutputPathError(str(settings.report_path), reason, fix=_REPORT_FIX), log_format)
     configure_logging(log_format, secrets=[token.value])
     options: dict[str, Any] = {"loop_factory": VirtualTimeLoop} if virtual_time else {}
     try:
@@ -255,11 +339,25 @@ def run(
                 _run, loaded, settings, journal, simulate, size_order, backend_options=options
             )
     except ImporterError as error:  # the state file is locked or unusable
-        _die(error)
-    report.write(settings.report_path)
-    click.echo(report.human_summary())
-    click.echo(f"report written to {settings.report_path}")
+        _die(error, log_format)
+    if to_stdout:
+        click.echo(report.to_text(), nl=False)
+        # Standard output holds the JSON alone; in JSON logs, run.finished has the counts.
+        if log_format == "console":
+            click.echo(report.human_summary(), err=True)
+    else:
+        try:
+            report.write(settings.report_path)
+        except OSError as exc:
+            click.echo(report.human_summary())
+            reason = exc.strerror or str(exc)
+            _die(OutputPathError(str(settings.report_path), reason, fix=_REPORT_FIX), log_format)
+        click.echo(report.human_summary())
+        click.echo(f"report written to {settings.report_path}")
     sys.exit(exit_code(report))
+
+
+_REPORT_FIX = "pass --report a path in a directory you can write to, or - for standard output"
 
 
 async def _run(
@@ -272,7 +370,8 @@ async def _run(
         signals.start_soon(_stop_on_signals, stopper)
         if simulate:
             async with run_simulator(SimulatorConfig.demo(), clock) as simulator:
-                click.echo(f"simulator listening on {simulator.base_url}", err=True)
+                log = structlog.get_logger("importer.cli")
+                log.info("simulator.listening", url=simulator.base_url)
                 settings = replace(settings, api_url=simulator.base_url)
                 # The example URLs lead nowhere: ask the simulator's file host, which
                 # knows every file name, instead of the internet.
@@ -303,15 +402,23 @@ def _file_name(url: str) -> str:
 
 
 async def _stop_on_signals(stopper: Stopper) -> None:
-    """First SIGINT/SIGTERM: stop gracefully. A second one: leave at once (the journal is safe)."""
     with anyio.open_signal_receiver(*_SIGNAL_REASONS) as received:
         async for signum in received:
-            reason = _SIGNAL_REASONS[signal.Signals(signum)]
-            if stopper.reason is not None:
-                click.echo("second signal: exiting now; the next run resumes", err=True)
-                os._exit(_STOP_EXIT[reason])
-            click.echo(f"{reason}: stopping (signal again to exit at once)", err=True)
-            stopper.stop(reason)
+            _on_signal(signum, stopper)
+
+
+def _on_signal(
+    signum: int, stopper: Stopper, exit_now: Callable[[int], NoReturn] = os._exit
+) -> None:
+    """First SIGINT/SIGTERM: stop gracefully. A second one: leave at once (the journal is safe)."""
+    sig = signal.Signals(signum)
+    reason = _SIGNAL_REASONS[sig]
+    log = structlog.get_logger("importer.cli")
+    if stopper.reason is not None:
+        log.warning("run.signal", signal=sig.name, action="exit", note="the next run resumes")
+        exit_now(_STOP_EXIT[reason])
+    log.warning("run.signal", signal=sig.name, action="stop", note="signal again to exit at once")
+    stopper.stop(reason)
 
 
 def exit_code(report: Report) -> int:
@@ -410,15 +517,24 @@ def _fault_options(command: FC) -> FC:
     "--slow-seconds", type=click.FloatRange(0), default=None, help="How late a slow answer is."
 )
 @_fault_options
+@click.option(
+    "--log-format",
+    type=click.Choice(["console", "json"]),
+    default="console",
+    show_default=True,
+    help="Human-readable logs, or JSON lines.",
+)
 def simulate(
     host: str,
     port: int,
     realistic: bool,
     seed: int,
     token_file: Path | None,
+    log_format: LogFormat,
     **knobs: Any,
 ) -> None:
-    """Serve the DigitalOcean API simulator until interrupted."""
+    """Serve the DigitalOcean API simulator until interrupted; print its base URL."""
+    configure_logging(log_format)
     try:
         token = Token.from_env_or_file(token_file).value if token_file else None
         known = {f.name for f in fields(SimulatorConfig)}
@@ -426,19 +542,51 @@ def simulate(
         preset = SimulatorConfig.realistic if realistic else SimulatorConfig.demo
         config = preset(seed=seed, token=token, **overrides)
     except ImporterError as error:
-        _die(error)
+        _die(error, log_format)
     except ValueError as exc:
-        _die(UsageError(str(exc)))
-    configure_logging("console")
+        _die(UsageError(str(exc)), log_format)
+    log = structlog.get_logger("importer.cli")
 
     async def serve() -> None:
-        async with run_simulator(config, host=host, port=port) as simulator:
-            click.echo(f"simulator listening on {simulator.base_url}", err=True)
-            click.echo(simulator.base_url, nl=True)
+        async with AsyncExitStack() as stack:
+            try:
+                simulator = await stack.enter_async_context(
+                    run_simulator(config, host=host, port=port)
+                )
+            except OSError as exc:
+                raise _listen_error(host, port, exc) from None
+            log.info("simulator.listening", url=simulator.base_url)
+            # Standard output: the base URL alone, for scripts to read.
+            click.echo(simulator.base_url)
             sys.stdout.flush()
             await anyio.sleep_forever()
 
     try:
         anyio.run(serve)
+    except ListenError as error:
+        _die(error, log_format)
     except KeyboardInterrupt:
-        click.echo("simulator stopped", err=True)
+        log.info("simulator.stopped")
+
+
+def _listen_error(host: str, port: int, exc: OSError) -> ListenError:
+    """What went wrong when binding ``host:port``, and which flag to change."""
+    other_host = "pass --host an address of this machine, such as 127.0.0.1"
+    if isinstance(exc, socket.gaierror):
+        return ListenError(
+            host, port, f"the host name does not resolve ({exc.strerror})", other_host
+        )
+    if exc.errno == errno.EADDRINUSE:
+        return ListenError(
+            host,
+            port,
+            "the port is in use",
+            "stop what holds it, or pass another --port (--port 0 picks a free one)",
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return ListenError(host, port, "no interface of this machine has that address", other_host)
+    if exc.errno == errno.EACCES:
+        return ListenError(
+            host, port, "permission denied", "pass a --port above 1023 (or 0 for a free one)"
+        )
+    return ListenError(host, port, exc.strerror or str(exc), "check --host and --port")

@@ -268,6 +268,29 @@ class ImagesClient:
         call = ApiRequest("DELETE", f"/v2/images/{image_id}", "/v2/images/{id}", priority=priority)
         await self._call(call, None)
 
+    async def update(
+        self,
+        image_id: int,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        distribution: str | None = None,
+        priority: Priority = Priority.STATUS,
+    ) -> Image:
+        """``images_update``: set the given fields (``None`` leaves one as it is).
+
+        A PUT of fixed values is idempotent, so it is retried like a GET.
+        """
+        given = {"name": name, "description": description, "distribution": distribution}
+        body = {key: value for key, value in given.items() if value is not None}
+        if not body:
+            raise ValueError("update needs at least one of name, description, distribution")
+        call = ApiRequest(
+            "PUT", f"/v2/images/{image_id}", "/v2/images/{id}", body=body, priority=priority
+        )
+        envelope: ImageEnvelope = await self._call(call, ImageEnvelope)
+        return envelope.image
+
     # -- plumbing -----------------------------------------------------------------
 
     async def _call(self, request: ApiRequest, model: type[BaseModel] | None) -> Any:

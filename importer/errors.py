@@ -153,3 +153,38 @@ class StateFileError(ImporterError):
     """The state file cannot be opened or is not an importer journal."""
 
     exit_code = 2
+
+
+class InvalidSettingError(ConfigurationError):
+    """A setting's value is out of range. ``setting`` names it as the caller spelled it."""
+
+    def __init__(self, setting: str, value: object, requirement: str) -> None:
+        self.setting = setting
+        self.value = value
+        self.requirement = requirement
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        super().__init__(f"{setting} {requirement}, got {shown}")
+
+    def renamed(self, setting: str) -> InvalidSettingError:
+        """The same error, naming the setting as ``setting`` (a command-line flag, say)."""
+        return InvalidSettingError(setting, self.value, self.requirement)
+
+
+class OutputPathError(UsageError):
+    """A file the run must write at the end (the report) cannot be written where asked."""
+
+    def __init__(self, path: str, reason: str, *, what: str = "report", fix: str = "") -> None:
+        self.path = path
+        self.reason = reason
+        fix = fix or "choose a path in a directory you can write to"
+        super().__init__(f"cannot write the {what} to {path}: {reason}; {fix}")
+
+
+class ListenError(UsageError):
+    """The simulator cannot listen on the address asked for."""
+
+    def __init__(self, host: str, port: int, reason: str, fix: str) -> None:
+        self.host = host
+        self.port = port
+        self.reason = reason
+        super().__init__(f"cannot listen on {host}:{port}: {reason}; {fix}")

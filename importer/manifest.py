@@ -7,9 +7,11 @@ one :class:`~importer.errors.ManifestError`.
 Format (YAML, or JSON, which YAML reads too)::
 
     version: 1                 # optional; 1 is the only version there is
-    defaults:                  # optional; region, distribution, description, tags
+    set: web-images            # optional; the default is the file's stem (see below)
+    defaults:                  # optional; any image key except name and url
       region: nyc3
       tags: [golden]
+      keep: 2
     images:
       - name: web-base-2024-06
         url: https://images.example.com/web-base-2024-06.qcow2.gz
@@ -17,6 +19,9 @@ Format (YAML, or JSON, which YAML reads too)::
         distribution: Ubuntu   # optional
         description: ...       # optional
         tags: [web, prod]      # optional; added after the defaults' tags
+        checksum: sha256:...   # optional; the file's SHA-256 (64 hex digits)
+        checksums_url: https://images.example.com/SHA256SUMS   # optional
+        keep: 2                # optional; versions of the image kept in the account
 
 Decisions (each one is tested):
 
@@ -41,6 +46,19 @@ Decisions (each one is tested):
   DigitalOcean would accept both and create two images with one name.
 - A problem in ``defaults`` is reported once (field ``defaults.<key>``, no index), not again
   for every image that inherits the value.
+- ``set`` names the images this manifest owns (see :mod:`importer.identity`): letters,
+  digits, ``_`` and ``-``, at most 64 characters. Without it, the set is the manifest file's
+  stem cut to that alphabet (``nightly images.yaml`` -> ``nightly-images``; text without a file
+  -> ``manifest``), so two manifests that share a file name must each name their own set.
+- ``checksum`` is ``sha256:`` and 64 hex digits (stored in lowercase); another algorithm is a
+  problem, because the version of a source is compared as a SHA-256 digest.
+- ``checksums_url`` is an absolute http(s) URL naming a ``SHA256SUMS``-style file. An entry
+  with both uses its ``checksum`` (a ``checksums_url`` in defaults stays useful for the others).
+- ``keep`` is a whole number >= 1: how many versions of an image stay in the account, the
+  newest (which carries the entry's name) included. The default, 2, keeps the previous version
+  (renamed) beside the new one, so that a bad nightly build can be rolled back by hand, as
+  osism's image manager keeps old versions; one image more per entry is the price. ``keep: 1``
+  deletes the previous version once the new one is available.
 - Messages never contain a URL's query string or password (:mod:`importer.redact`).
 """
 
@@ -50,6 +68,7 @@ import datetime
 import difflib
 import json
 import os
+import re
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,11 +89,18 @@ from importer.catalog import (
     tag_problem,
 )
 from importer.errors import ManifestError, Problem
+from importer.identity import default_set, set_problem
 from importer.redact import redact_text, redact_url
 
 SUPPORTED_VERSION: Final = 1
 NAME_MAX_LENGTH: Final = 255
 MAX_TAGS: Final = 50
+#: Versions of an image kept when the manifest does not say (see the module's docstring).
+DEFAULT_KEEP: Final = 2
+CHECKSUM_PREFIX: Final = "sha256:"
+_CHECKSUM: Final = re.compile(r"^sha256:[0-9a-fA-F]{64}$")
+_ALGORITHM: Final = re.compile(r"^([A-Za-z][A-Za-z0-9-]*):")
+_HEX_DIGEST: Final = re.compile(r"^[0-9a-fA-F]+$")
 
 Format = Literal["yaml", "json"]
 
@@ -91,6 +117,12 @@ class Entry:
     distribution: str | None
     description: str | None
     tags: tuple[str, ...]
+    #: ``sha256:<64 lowercase hex>``, when the manifest gives the file's digest.
+    checksum: str | None = None
+    #: A ``SHA256SUMS``-style file listing the digest of this entry's file.
+    checksums_url: str | None = None
+    #: Versions of the image kept in the account, the newest included (>= 1).
+    keep: int = DEFAULT_KEEP
 
 
 @dataclass(frozen=True)
@@ -101,6 +133,12 @@ class Manifest:
     entries: tuple[Entry, ...]
     #: Where it came from (a path, or ``<manifest>``), for messages.
     source: str
+    #: The set whose images this manifest owns; ``""`` means the default from ``source``.
+    set: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.set:
+            object.__setattr__(self, "set", default_set(self.source))
 
 
 def load_manifest(path: str | os.PathLike[str]) -> Manifest:
@@ -257,6 +295,7 @@ class _Strict(BaseModel):
 
 class _Document(_Strict):
     version: int = SUPPORTED_VERSION
+    set: str | None = None
     defaults: dict[Any, Any] | None = None
     images: list[Any] | None = None
 
@@ -266,6 +305,9 @@ class _Defaults(_Strict):
     distribution: str | None = None
     description: str | None = None
     tags: list[str] | None = None
+    checksum: str | None = None
+    checksums_url: str | None = None
+    keep: int | None = None
 
 
 class _Image(_Strict):
@@ -275,6 +317,9 @@ class _Image(_Strict):
     distribution: str | None = None
     description: str | None = None
     tags: list[str] | None = None
+    checksum: str | None = None
+    checksums_url: str | None = None
+    keep: int | None = None
 
 
 _ModelT = TypeVar("_ModelT", bound=_Strict)
@@ -333,6 +378,8 @@ def _explain(error: ErrorDetails, model: type[_Strict]) -> str:
         return f"must be a list of strings, like [web, prod], not {_kind_of(value)}"
     if kind == "dict_type":
         return f"must be a mapping of keys to values, not {_kind_of(value)}"
+    if kind == "int_type":
+        return f"must be a whole number, not {_describe(value)}"
     return str(error["msg"])
 
 
@@ -386,6 +433,9 @@ class _Inherited:
     distribution: str | None = None
     description: str | None = None
     tags: tuple[str, ...] = ()
+    checksum: str | None = None
+    checksums_url: str | None = None
+    keep: int | None = None
     broken: frozenset[str] = field(default_factory=frozenset)
 
 
@@ -412,6 +462,8 @@ def _check_document(data: object, source: str, problems: list[Problem]) -> Manif
             )
         )
         return None
+    if document.set is not None and (message := set_problem(document.set)) is not None:
+        problems.append(top.problem(message, "set"))
 
     if "defaults" in bad:
         inherited = _Inherited(broken=_DEFAULT_KEYS)
@@ -448,7 +500,9 @@ def _check_document(data: object, source: str, problems: list[Problem]) -> Manif
             )
         else:
             first_index[key] = index
-    return Manifest(version=document.version, entries=tuple(entries), source=source)
+    return Manifest(
+        version=document.version, entries=tuple(entries), source=source, set=document.set or ""
+    )
 
 
 def _check_defaults(raw: Mapping[Any, Any], problems: list[Problem]) -> _Inherited:
@@ -468,13 +522,83 @@ def _check_defaults(raw: Mapping[Any, Any], problems: list[Problem]) -> _Inherit
         broken.add("tags")
     if len(tags) > MAX_TAGS:
         problems.append(place.problem(f"at most {MAX_TAGS} tags (here: {len(tags)})", "tags"))
+    broken.update(_source_problems(defaults, place, problems))
     return _Inherited(
         region=defaults.region,
         distribution=defaults.distribution,
         description=defaults.description,
         tags=tags,
+        checksum=_normal_checksum(defaults.checksum),
+        checksums_url=defaults.checksums_url,
+        keep=defaults.keep,
         broken=frozenset(broken),
     )
+
+
+def _source_problems(
+    values: _Defaults | _Image, place: _Place, problems: list[Problem]
+) -> set[str]:
+    """Check ``checksum``, ``checksums_url`` and ``keep``; the keys that had problems."""
+    bad: set[str] = set()
+    for key, message in (
+        ("checksum", None if values.checksum is None else _checksum_problem(values.checksum)),
+        (
+            "checksums_url",
+            None if values.checksums_url is None else _checksums_url_problem(values.checksums_url),
+        ),
+        ("keep", None if values.keep is None else _keep_problem(values.keep)),
+    ):
+        if message is not None:
+            problems.append(place.problem(message, key))
+            bad.add(key)
+    return bad
+
+
+def _normal_checksum(checksum: str | None) -> str | None:
+    return None if checksum is None else checksum.lower()
+
+
+def _checksum_problem(checksum: str) -> str | None:
+    if _CHECKSUM.match(checksum):
+        return None
+    expected = f"write {CHECKSUM_PREFIX!r} followed by the file's 64 hex digits"
+    if not checksum.strip():
+        return f"'checksum' is empty; {expected}, or leave it out"
+    algorithm = _ALGORITHM.match(checksum)
+    if algorithm is not None and algorithm.group(1).lower() != "sha256":
+        return f"only SHA-256 checksums are supported, not {algorithm.group(1)!r}; {expected}"
+    if algorithm is not None and algorithm.group(1) != "sha256":
+        return f"write the prefix in lowercase: {CHECKSUM_PREFIX!r}"
+    digest = checksum.removeprefix(CHECKSUM_PREFIX)
+    if algorithm is None and len(digest) == 64 and _HEX_DIGEST.match(digest):
+        return f"the digest needs its algorithm: write {CHECKSUM_PREFIX}{digest[:8]}..."
+    if not _HEX_DIGEST.match(digest):
+        return f"a SHA-256 digest is hex digits (0-9, a-f) only; {expected}"
+    return f"a SHA-256 digest has 64 hex digits (this one has {len(digest)}); {expected}"
+
+
+def _checksums_url_problem(url: str) -> str | None:
+    shown = repr(redact_url(url))
+    if any(char.isspace() for char in url):
+        return f"{shown} contains whitespace; percent-encode it (a space is %20)"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError:
+        return f"{shown} is not a valid URL"
+    if parts.scheme.lower() not in ("http", "https"):
+        return f"{shown} must be an absolute http:// or https:// URL"
+    if not parts.hostname:
+        return f"{shown} has no host"
+    if not parts.path or parts.path.endswith("/"):
+        return f"{shown} must name the checksums file (for example .../SHA256SUMS)"
+    return None
+
+
+def _keep_problem(keep: int) -> str | None:
+    if keep >= 1:
+        return None
+    return f"'keep' must be at least 1 (the newest version is always kept), not {_shown(keep)}"
 
 
 def _check_image(
@@ -525,10 +649,27 @@ def _check_image(
             )
         )
 
+    _source_problems(image, place, problems)
+    checksum = _normal_checksum(image.checksum) or inherited.checksum
+    checksums_url = image.checksums_url or inherited.checksums_url
+    keep = image.keep if image.keep is not None else inherited.keep
+
     key = (name, region) if name is not None and region is not None else None
     if len(problems) > count or name is None or url is None or region is None:
         return None, key
-    return Entry(index, name, url, region, distribution, description, tags), key
+    entry = Entry(
+        index,
+        name,
+        url,
+        region,
+        distribution,
+        description,
+        tags,
+        checksum=checksum,
+        checksums_url=checksums_url,
+        keep=DEFAULT_KEEP if keep is None else keep,
+    )
+    return entry, key
 
 
 def _region_of(

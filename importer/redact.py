@@ -6,10 +6,19 @@ message that may quote a URL or a token goes through these helpers first.
 
 The helpers work on plain strings, not on a URL parser's view, so that garbage input (a
 half-written URL, a stray ``?``) can never make them raise or let a secret through.
+
+A secret is masked where it stands as a whole token: not glued to a letter, digit, ``_`` or
+``-``, nor to a dotted neighbour (``.word``). Masking every substring would corrupt unrelated
+text when the secret is short (a token ``term`` would turn ``terminated`` into
+``***inated``, a token ``image`` the event ``image.submitted`` into ``***.submitted``),
+while a real token never sits inside a longer word. Everywhere a token is written on its
+own (``Bearer T``, ``token=T``, ``"T"``, ``T.`` at the end of a sentence, ``\nT`` in a
+repr) it is masked.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from typing import Final
@@ -25,6 +34,11 @@ MASK: Final = "***"
 _URL_IN_TEXT: Final = re.compile(r"(?P<opener>[\"'(\[<]?)(?P<url>https?://\S+)", re.IGNORECASE)
 _CLOSERS: Final = {'"': '"', "'": "'", "(": ")", "[": "]", "<": ">"}
 _TRAILING_PUNCTUATION: Final = frozenset("\"')]}>.,;:!?")
+# What a secret must not touch to stand on its own: a word character, or a dot that joins it
+# to one (event names, file names). A backslash escape such as ``\n`` before it, as a repr
+# writes a newline, is a boundary, not a word.
+_BEFORE: Final = r"(?<!(?<!\\)[\w-])(?<![\w-]\.)"
+_AFTER: Final = r"(?![\w-])(?!\.[\w-])"
 
 
 def redact_url(url: str) -> str:
@@ -44,10 +58,17 @@ def redact_url(url: str) -> str:
 
 def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
     """``text`` with every http(s) URL passed through :func:`redact_url` and each secret masked."""
-    # Longest first: masking a short secret inside a longer one would leave the longer one's rest.
-    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
-        text = text.replace(secret, MASK)
+    unique = frozenset(s for s in secrets if s)
+    if unique:
+        text = _secrets_pattern(unique).sub(MASK, text)
     return _URL_IN_TEXT.sub(_redact_match, text)
+
+
+@functools.lru_cache(maxsize=16)
+def _secrets_pattern(secrets: frozenset[str]) -> re.Pattern[str]:
+    # Longest first: where one secret contains another, the longer one is masked whole.
+    alternatives = "|".join(re.escape(s) for s in sorted(secrets, key=len, reverse=True))
+    return re.compile(f"{_BEFORE}(?:{alternatives}){_AFTER}")
 
 
 def _redact_match(match: re.Match[str]) -> str:

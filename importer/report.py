@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -160,16 +160,24 @@ class Report:
             "orphans": [orphan.to_json() for orphan in self.orphans],
         }
 
+    def to_text(self) -> str:
+        """The report as the JSON text :meth:`write` puts in the file."""
+        return to_json_text(self.to_json())
+
     def write(self, path: Path) -> None:
-        """Write atomically: a reader never sees half a report."""
+        """Write atomically: a reader never sees half a report.
+
+        The file is readable by others (mode 0644 less the umask): it holds no secret,
+        and a monitoring user may need to read it.
+        """
         write_json_atomic(path, self.to_json())
 
     def human_summary(self) -> str:
         counts = self.counts()
         parts = [f"{counts[o]} {o.value}" for o in Outcome if counts.get(o)]
         lines = [
-            f"{len(self.images)} images: {', '.join(parts) or 'none'}"
-            f" ({self.requests} requests, {self.rate_limited} rate-limited)"
+            f"{plural(len(self.images), 'image')}: {', '.join(parts) or 'none'}"
+            f" ({plural(self.requests, 'request')}, {self.rate_limited} rate-limited)"
         ]
         if self.stopped:
             lines.append(f"run stopped early: {self.stopped}")
@@ -195,16 +203,64 @@ def _iso(unix: float | None) -> str | None:
     return isoformat(unix) if unix is not None else None
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def plural(count: int, noun: str) -> str:
+    """``1 image``, ``2 images``, ``0 images``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def to_json_text(data: Any) -> str:
+    return json.dumps(data, indent=2) + "\n"
+
+
+def write_json_atomic(path: Path, data: Any, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename.
+
+    ``mode`` is given to the kernel at creation, which takes the umask off it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    text = to_json_text(data)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        except FileExistsError:  # pragma: no cover - 48 random bits met another file
+            continue
+        break
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(data, out, indent=2)
-            out.write("\n")
+            out.write(text)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def unwritable_reason(path: Path) -> str | None:
+    """Why :func:`write_json_atomic` could not write ``path``, or ``None`` if it can.
+
+    Checked before a run starts, so that a run does not end, hours later, unable to
+    write its report. It tries what the write will do: create a file in the directory
+    (or in its nearest existing ancestor, where the missing directories will be made).
+    Permission bits alone would not tell (root, read-only mounts, /sys).
+    """
+    try:
+        if path.is_dir():
+            return "it is a directory"
+        ancestor = path.parent
+        while not ancestor.exists():
+            if ancestor == ancestor.parent:  # pragma: no cover - the root always exists
+                break
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            return f"{ancestor} is not a directory"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    probe = ancestor / f".{path.name}.{secrets.token_hex(6)}.probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as exc:
+        return f"cannot create a file in {ancestor} ({exc.strerror or exc})"
+    return None

@@ -10,7 +10,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from importer.catalog import API_URL_ENV, DEFAULT_API_URL, TOKEN_ENV
-from importer.errors import ConfigurationError
+from importer.errors import ConfigurationError, InvalidSettingError
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ def check_api_url(url: str) -> str:
 
 
 def default_api_url() -> str:
+    """``DIGITALOCEAN_API_URL`` if set, else DigitalOcean's own URL."""
     return os.environ.get(API_URL_ENV, "").strip() or DEFAULT_API_URL
 
 
@@ -80,7 +81,9 @@ class Settings:
     """Everything a run needs besides the manifest. Times are in seconds."""
 
     token: Token
-    api_url: str = DEFAULT_API_URL
+    #: Stored without a trailing slash, so paths join as ``{api_url}/v2/images``. The
+    #: default is read when the object is made, as the command line reads it.
+    api_url: str = field(default_factory=default_api_url)
     #: Requests in flight at once (at least 2: creates leave one to status checks).
     concurrency: int = 8
     #: DigitalOcean's limits per token: 250 in any minute, 5,000 in any hour.
@@ -135,24 +138,29 @@ class Settings:
         return self.image_timeout if self.reconcile_window is None else self.reconcile_window
 
     def __post_init__(self) -> None:
-        check_api_url(self.api_url)
-        positive = {
+        # Frozen: the normalised URL replaces the given one through the back door.
+        object.__setattr__(self, "api_url", check_api_url(self.api_url))
+        positive: dict[str, float | None] = {
             "concurrency": self.concurrency,
             "per_minute": self.per_minute,
             "per_hour": self.per_hour,
             "max_attempts": self.max_attempts,
+            "first_poll": self.first_poll,
             "poll_interval": self.poll_interval,
             "image_timeout": self.image_timeout,
             "request_timeout": self.request_timeout,
             "max_creates": self.max_creates,
+            "deadline": self.deadline,
         }
         for name, value in positive.items():
-            if value <= 0:
-                raise ConfigurationError(f"{name} must be positive, got {value}")
+            # NaN compares false with everything: "not > 0" refuses it too.
+            if value is not None and not value > 0:
+                raise InvalidSettingError(name, value, "must be positive")
         if self.concurrency < 2:
-            raise ConfigurationError(
-                f"concurrency must be at least 2 (one request is kept for status checks), "
-                f"got {self.concurrency}"
+            raise InvalidSettingError(
+                "concurrency",
+                self.concurrency,
+                "must be at least 2 (one request is kept for status checks)",
             )
         if not 0 <= self.reserve < 1:
-            raise ConfigurationError(f"reserve is a fraction in [0, 1), got {self.reserve}")
+            raise InvalidSettingError("reserve", self.reserve, "must be a fraction in [0, 1)")

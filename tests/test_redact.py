@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -157,3 +159,84 @@ def test_redact_text_never_leaks_query(
     result = redact_text(text)
     if _MARK not in before + path + after:
         assert _MARK not in result
+
+
+# -- a secret is masked where it stands alone, and nowhere else -------------------------
+
+
+@pytest.mark.parametrize(
+    ("secret", "text"),
+    [
+        ("term", "image.failed reason=terminated"),
+        ("image", "image.submitted image_id=1 images[0] image-builder"),
+        ("abc", "xabc abcx abc_d d-abc abc.def def.abc"),
+    ],
+)
+def test_short_secret_inside_a_word_leaves_it_alone(secret: str, text: str) -> None:
+    """A secret that is only part of a longer word or dotted name does not mangle it."""
+    assert redact_text(text, [secret]) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("Authorization: Bearer term", "Authorization: Bearer ***"),
+        ("token=term&x=1", "token=***&x=1"),
+        ('{"token": "term"}', '{"token": "***"}'),
+        ("it was term.", "it was ***."),
+        ("term", "***"),
+        ("(term)", "(***)"),
+        ("'a\\nterm'", "'a\\n***'"),
+        ("tok:term,term;term", "tok:***,***;***"),
+    ],
+)
+def test_secret_standing_alone_is_masked(text: str, masked: str) -> None:
+    """Written on its own, after a space, '=', a quote, a repr's escape, the secret is masked."""
+    assert redact_text(text, ["term"]) == masked
+
+
+_WORD = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCXYZ0123456789_-", max_size=12)
+_SECRET = _WORD.filter(bool)
+# Characters that end a token (no '.': it joins dotted names; no '?#@': URL syntax).
+_SEPARATORS = " \t\n=:;,'\"()[]{}<>|/\\!*+&"
+
+
+@MODEST
+@given(
+    secret=_SECRET,
+    words=st.lists(st.one_of(_WORD, st.just("SECRET")), max_size=8),
+    seps=st.lists(st.sampled_from(_SEPARATORS), min_size=9, max_size=9),
+)
+def test_standalone_secret_never_survives(secret: str, words: list[str], seps: list[str]) -> None:
+    """Among any words and separators, no token of the result is the secret itself."""
+    pieces = [secret if w == "SECRET" else w for w in words]
+    text = seps[0] + "".join(p + s for p, s in zip(pieces, seps[1:], strict=False))
+    result = redact_text(text, [secret])
+    assert secret not in re.split(f"[{re.escape(_SEPARATORS)}]", result)
+
+
+@MODEST
+@given(
+    secret=_SECRET,
+    before=_WORD,
+    after=_WORD,
+    dotted=st.booleans(),
+)
+def test_secret_inside_a_longer_word_changes_nothing(
+    secret: str, before: str, after: str, dotted: bool
+) -> None:
+    """Text where the secret only occurs glued to more word (or `word.`) is left as it is."""
+    if dotted:
+        before, after = before and before + ".", after and "." + after
+    text = f"{before}{secret}{after}"
+    if text != secret:  # at least one side is glued
+        assert redact_text(text, [secret]) == text
+
+
+@MODEST
+@given(text=st.text(), secret=st.text(min_size=1))
+def test_text_without_the_secret_is_unchanged(text: str, secret: str) -> None:
+    """A secret that does not occur changes nothing (URLs aside); any secret at all is safe."""
+    result = redact_text(text, [secret])
+    if secret not in text and "://" not in text:
+        assert result == text

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from importer.logs import configure_logging
+from importer.logs import configure_logging, reset_logging
 from importer.pipeline import run_import
 from importer.simulator import SimulatorConfig, run_simulator
 from tests.helpers import TEST_TOKEN, manifest_of, settings_for
@@ -28,7 +28,7 @@ def log_stream() -> Iterator[io.StringIO]:
     stream = io.StringIO()
     configure_logging("json", secrets=[TEST_TOKEN], stream=stream)
     yield stream
-    structlog.reset_defaults()
+    reset_logging()
 
 
 @pytest.mark.anyio
@@ -74,3 +74,20 @@ def test_redactor_scrubs_every_string_field(log_stream: io.StringIO) -> None:
     assert SIGNATURE not in line
     assert TEST_TOKEN not in line
     assert "x.example.com/f.img" in line
+
+
+def test_short_token_does_not_mangle_log_lines() -> None:
+    """With a token `image` (or `term`), event names and words stay whole; the token alone goes."""
+    stream = io.StringIO()
+    configure_logging("json", secrets=["image", "term"], stream=stream)
+    try:
+        structlog.get_logger("t").info(
+            "image.submitted", reason="terminated", header="Bearer term", name="image"
+        )
+    finally:
+        reset_logging()
+    event = json.loads(stream.getvalue())
+    assert event["event"] == "image.submitted"
+    assert event["reason"] == "terminated"
+    assert event["header"] == "Bearer ***"
+    assert event["name"] == "***"

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from importer.errors import ConfigurationError
+from importer.errors import ConfigurationError, InvalidSettingError
+from importer.pipeline import run_import
 from importer.settings import Settings, Token, check_api_url
+from importer.simulator import SimulatorConfig, run_simulator
+from tests.helpers import image_urls, manifest_of, settings_for
 
 
 def test_token_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,3 +72,50 @@ def test_settings_reject_nonsense() -> None:
     """Zero or negative knobs are refused with the knob's name."""
     with pytest.raises(ConfigurationError, match="concurrency"):
         Settings(token=Token("t"), concurrency=0)
+
+
+def test_api_url_is_stored_without_trailing_slash() -> None:
+    """The normalised URL is the one kept: no `//v2/images` from a trailing slash."""
+    assert Settings(token=Token("t"), api_url="https://api.example.com/").api_url == (
+        "https://api.example.com"
+    )
+
+
+@pytest.mark.anyio
+async def test_trailing_slash_reaches_the_real_paths() -> None:
+    """A run pointed at `http://host:port/` sends its requests to `/v2/images`, and succeeds."""
+    async with run_simulator(SimulatorConfig.demo()) as sim:
+        report = await run_import(
+            manifest_of(*image_urls(2)), settings_for(sim.base_url + "/", max_attempts=1)
+        )
+        served = sim.world.state()["requests"]
+    assert report.all_available
+    assert served.get("POST /v2/images") == 2
+
+
+def test_settings_read_the_api_url_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Settings()` takes DIGITALOCEAN_API_URL as the command line does, else DigitalOcean's."""
+    monkeypatch.setenv("DIGITALOCEAN_API_URL", "http://127.0.0.1:9999/")
+    assert Settings(token=Token("t")).api_url == "http://127.0.0.1:9999"
+    monkeypatch.delenv("DIGITALOCEAN_API_URL")
+    assert Settings(token=Token("t")).api_url == "https://api.digitalocean.com"
+
+
+@pytest.mark.parametrize(
+    "knob", ["first_poll", "poll_interval", "image_timeout", "deadline", "request_timeout"]
+)
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan")])
+def test_durations_must_be_positive(knob: str, value: float) -> None:
+    """A zero, negative or NaN duration is refused, naming the setting, not replaced."""
+    overrides: dict[str, Any] = {knob: value}
+    with pytest.raises(InvalidSettingError, match=f"^{knob} must be positive") as caught:
+        replace(Settings(token=Token("t")), **overrides)
+    assert caught.value.setting == knob
+    assert isinstance(caught.value, ConfigurationError)
+
+
+def test_setting_errors_can_speak_in_flag_names() -> None:
+    """`renamed` gives the same error under the name the caller knows (a CLI flag)."""
+    with pytest.raises(InvalidSettingError) as caught:
+        Settings(token=Token("t"), image_timeout=0)
+    assert str(caught.value.renamed("--timeout")) == "--timeout must be positive, got 0"

@@ -9,11 +9,13 @@ comes from an injected clock, so it runs on virtual time in tests.
 
 from importer.simulator.app import Simulator, create_app, run_simulator
 from importer.simulator.config import SimulatorConfig
+from importer.simulator.persist import SimulatorStateError
 from importer.simulator.world import (
     MARKERS,
     Admission,
     ApiProblem,
     FaultPlan,
+    FileVersion,
     ImagePage,
     ImportPlan,
     SimAction,
@@ -26,12 +28,14 @@ __all__ = [
     "Admission",
     "ApiProblem",
     "FaultPlan",
+    "FileVersion",
     "ImagePage",
     "ImportPlan",
     "SimAction",
     "SimImage",
     "Simulator",
     "SimulatorConfig",
+    "SimulatorStateError",
     "World",
     "create_app",
     "run_simulator",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Self
 
 
@@ -24,6 +25,12 @@ class SimulatorConfig:
             tests must be able to switch it either way.
         fail_query_urls: fail imports whose URL has a query string (presigned URLs
             "have failed" for real, but not always, so it is off by default).
+
+    Persistence:
+        state_file: a JSON file holding the account (images, id counters, changed files):
+            loaded at start when it exists, saved after every request that may change it
+            and at the end (see ``importer/simulator/persist.py``). ``None``: the account
+            lives in memory only.
 
     Image lifecycle (seconds of the injected clock):
         new_seconds: time an image stays ``NEW``.
@@ -60,6 +67,7 @@ class SimulatorConfig:
     token: str | None = None
     list_in_progress: bool = False
     fail_query_urls: bool = False
+    state_file: Path | None = None
 
     new_seconds: float = 1.0
     pending_seconds: float = 2.0

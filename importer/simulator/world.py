@@ -20,7 +20,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal, get_args
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from importer.catalog import (
@@ -44,6 +44,14 @@ PER_PAGE_DEFAULT: Final = 20
 MAX_DECOMPRESSED_GIB: Final = 100.0
 #: Illustrative ratio of decompressed to compressed size, for ``min_disk_size``.
 COMPRESSION_RATIO: Final = 3.0
+#: ``Last-Modified`` of every file the simulator's file host never saw change
+#: (2023-10-01T00:00:00Z): fixed, so that versions are the same on every run.
+FILE_EPOCH: Final = 1_696_118_400.0
+#: What a changed file's content can be wrong with, for the imports made from it.
+FileDefect = Literal["decompress", "download"]
+FILE_DEFECTS: Final[tuple[FileDefect, ...]] = get_args(FileDefect)
+#: Version of the snapshot format written by :meth:`World.snapshot`.
+SNAPSHOT_FORMAT: Final = 1
 
 UNAUTHORIZED_MESSAGE: Final = "Unable to authenticate you."
 NOT_FOUND_MESSAGE: Final = "The resource you were accessing could not be found."
@@ -220,6 +228,53 @@ class SimImage:
 
 
 @dataclass
+class SimFile:
+    """What the file host knows of a file beyond its name: changes made by a test.
+
+    Files never changed have no record: their content is revision 0, their size comes
+    from a ``size-`` marker or the seed, and they were last modified at ``FILE_EPOCH``.
+    """
+
+    revision: int = 0
+    #: Bytes, when a change set it; else the marker's or the seeded size.
+    size: int | None = None
+    answers_head: bool = True
+    #: Why imports of this content fail, whatever the file's name says is fine.
+    defect: FileDefect | None = None
+    #: Unix time of the last change.
+    changed_at: float = FILE_EPOCH
+
+
+@dataclass(frozen=True)
+class FileVersion:
+    """A file's current content as the file host describes it."""
+
+    name: str
+    revision: int
+    size: int
+    #: A strong ETag, quotes included.
+    etag: str
+    #: Unix time, whole seconds (HTTP dates have no fractions).
+    last_modified: float
+    #: Hex SHA-256 of the simulated content, as a ``SHA256SUMS`` file lists it.
+    sha256: str
+    answers_head: bool
+    defect: FileDefect | None
+
+    def json(self) -> Json:
+        return {
+            "name": self.name,
+            "revision": self.revision,
+            "size": self.size,
+            "etag": self.etag,
+            "last_modified": self.last_modified,
+            "sha256": self.sha256,
+            "answers_head": self.answers_head,
+            "defect": self.defect,
+        }
+
+
+@dataclass
 class _Budget:
     """One token's request logs (monotonic times) and revocation state."""
 
@@ -289,6 +344,10 @@ class World:
         self.rate_limited_count = 0
         self.fault_counts: Counter[str] = Counter()
         self.cpu_seconds = 0.0
+        #: Files a test changed (by name); the others are implicit, at revision 0.
+        self.files: dict[str, SimFile] = {}
+        #: Checksums files served by the file host: name -> the files they list.
+        self.checksum_lists: dict[str, tuple[str, ...]] = {}
         self._budgets: dict[str, _Budget] = {}
         self._fault_occurrences: Counter[str] = Counter()
         self._next_image_id = FIRST_IMAGE_ID
@@ -477,10 +536,13 @@ class World:
         )
 
         suffix = rejected_suffix(parts.path)
+        # A file changed by a test imports as its current content is, not as it was.
+        defect = self.files[filename].defect if filename in self.files else None
         download_failure = (
             not filename
             or "fail-download" in marked
-            or "no-head" in marked
+            or not self.file_answers_head(filename)
+            or defect == "download"
             or (cfg.fail_query_urls and bool(parts.query))
         )
         message = ""
@@ -488,7 +550,7 @@ class World:
             message = DOWNLOAD_ERROR
         elif suffix is not None:
             message = DECOMPRESS_ERROR if suffix in _ARCHIVE_SUFFIXES else UNSUPPORTED_FORMAT_ERROR
-        elif "fail-decompress" in marked:
+        elif "fail-decompress" in marked or defect == "decompress":
             message = DECOMPRESS_ERROR
         elif size_bytes / GIB * (COMPRESSION_RATIO if compressed else 1.0) > MAX_DECOMPRESSED_GIB:
             message = TOO_LARGE_ERROR
@@ -529,7 +591,10 @@ class World:
         )
 
     def file_size(self, filename: str) -> int:
-        """Bytes of the source file named ``filename``: its ``size-`` marker, else seeded."""
+        """Bytes of the file ``filename``: as a change set it, its ``size-`` marker, or seeded."""
+        record = self.files.get(filename)
+        if record is not None and record.size is not None:
+            return record.size
         match = _SIZE_MARKER.search(filename)
         if match is not None:
             unit = GIB if match.group(2).lower() == "g" else MIB
@@ -537,7 +602,67 @@ class World:
         return int(_seeded(self.config.seed, "size", filename).uniform(0.5, 8.0) * GIB)
 
     def file_answers_head(self, filename: str) -> bool:
-        return "no-head" not in filename.lower()
+        record = self.files.get(filename)
+        return "no-head" not in filename.lower() and (record is None or record.answers_head)
+
+    # -- the file host --------------------------------------------------------
+
+    def file_version(self, filename: str) -> FileVersion:
+        """The current content of ``filename``: size, ETag, Last-Modified, SHA-256."""
+        record = self.files.get(filename, SimFile())
+        content = f"{self.config.seed}|file|{filename}|{record.revision}"
+        return FileVersion(
+            name=filename,
+            revision=record.revision,
+            size=self.file_size(filename),
+            etag='"' + hashlib.md5(content.encode(), usedforsecurity=False).hexdigest() + '"',
+            last_modified=float(math.floor(record.changed_at)),
+            sha256=hashlib.sha256(content.encode()).hexdigest(),
+            answers_head=self.file_answers_head(filename),
+            defect=record.defect,
+        )
+
+    def change_file(
+        self, filename: str, *, size: int | None = None, defect: FileDefect | None = None
+    ) -> FileVersion:
+        """New content for ``filename``: a new ETag, Last-Modified and digest.
+
+        ``size`` keeps the current size when ``None``. ``defect`` makes imports of the new
+        content fail (``None``: the content is sound). Images already made are not touched.
+        """
+        if size is not None and size < 0:
+            raise ValueError("a file's size is >= 0 bytes")
+        if defect is not None and defect not in FILE_DEFECTS:
+            raise ValueError(f"defect must be one of {FILE_DEFECTS} or None")
+        record = self.files.setdefault(filename, SimFile())
+        record.revision += 1
+        if size is not None:
+            record.size = size
+        record.defect = defect
+        # Last-Modified counts whole seconds: a change must move it even within one second.
+        record.changed_at = max(math.floor(self.clock.wall()), math.floor(record.changed_at) + 1)
+        return self.file_version(filename)
+
+    def set_file_head(self, filename: str, answers: bool) -> FileVersion:
+        """Make the file host refuse ``HEAD`` for ``filename`` (405), or answer it again.
+
+        The content does not change. A file refusing ``HEAD`` still answers ``GET``, as
+        presigned URLs do; imports from it fail, as DigitalOcean needs ``HEAD``. A file
+        whose name has the ``no-head`` marker refuses ``HEAD`` whatever is set here.
+        """
+        self.files.setdefault(filename, SimFile()).answers_head = answers
+        return self.file_version(filename)
+
+    def define_checksums(self, listname: str, filenames: list[str] | tuple[str, ...]) -> None:
+        """Serve ``/_files/<listname>`` as a ``SHA256SUMS`` file listing ``filenames``."""
+        self.checksum_lists[listname] = tuple(filenames)
+
+    def checksums_text(self, listname: str) -> str | None:
+        """The ``SHA256SUMS`` text of ``listname`` with each file's current digest, or ``None``."""
+        names = self.checksum_lists.get(listname)
+        if names is None:
+            return None
+        return "".join(f"{self.file_version(name).sha256}  {name}\n" for name in names)
 
     def get_image(self, image_id: int) -> SimImage:
         """An image readable by id: failed ones too, but not those the user deleted."""
@@ -550,6 +675,39 @@ class World:
         image = self.get_image(image_id)
         image.deleted_by_user = True
         image.deleted_mono = self.clock.monotonic()
+
+    def update_image(self, image_id: int, body: object) -> SimImage:
+        """``PUT /v2/images/{id}`` (``images_update``): any of name, distribution, description.
+
+        Other keys are ignored, as the API ignores what it does not know; a body without any
+        of the three is a 422, since it cannot be what the caller meant. As on create, a
+        distribution outside the enum silently becomes ``Unknown``. Images in any status can
+        be updated (the facts are silent); images the user deleted are 404.
+        """
+        image = self.get_image(image_id)
+        if not isinstance(body, dict):
+            raise ApiProblem(400, "bad_request", "The request body must be a JSON object.")
+        problems: list[str] = []
+        name = body.get("name")
+        if "name" in body and (not isinstance(name, str) or not name.strip()):
+            problems.append("name must be a non-empty string")
+        description = body.get("description")
+        if "description" in body and not isinstance(description, str):
+            problems.append("description must be a string")
+        distribution = body.get("distribution")
+        if "distribution" in body and not isinstance(distribution, str):
+            problems.append("distribution must be a string")
+        if not problems and not {"name", "description", "distribution"} & body.keys():
+            problems.append("give at least one of name, distribution, description")
+        if problems:
+            raise ApiProblem(422, "unprocessable_entity", "; ".join(problems))
+        if isinstance(name, str):
+            image.name = name
+        if isinstance(description, str):
+            image.description = description
+        if isinstance(distribution, str):
+            image.distribution = distribution if distribution in DISTRIBUTIONS else "Unknown"
+        return image
 
     def list_images(self, query: Mapping[str, str]) -> ImagePage:
         """``GET /v2/images``: visible images by ascending id, one page of them.
@@ -688,6 +846,165 @@ class World:
             "faults": dict(self.fault_counts),
             "now": self.clock.wall(),
         }
+
+    # -- persistence ----------------------------------------------------------
+
+    def snapshot(self) -> Json:
+        """The account as JSON: images, actions, id counters, changed files, checksum lists.
+
+        Times are Unix seconds, so that a world restored later, in another process, on
+        another clock, goes on where this one was: an image 30 s into its import when saved
+        and restored 10 s later is 40 s in. URLs are saved without query string and
+        credentials (presigned URLs carry secrets; a saved image's URL is only shown).
+        Request counters, rate-limit logs and fault draws belong to one process and are not
+        saved.
+        """
+        return {
+            "format": SNAPSHOT_FORMAT,
+            "saved_at": self.clock.wall(),
+            "next_image_id": self._next_image_id,
+            "next_action_id": self._next_action_id,
+            "images": [self._image_snapshot(image) for _, image in sorted(self.images.items())],
+            "actions": [
+                {
+                    "id": action.id,
+                    "image_id": action.image_id,
+                    "region": action.region,
+                    "started_at": action.started_at,
+                    "duration": action.duration,
+                }
+                for _, action in sorted(self.actions.items())
+            ],
+            "files": {
+                name: {
+                    "revision": record.revision,
+                    "size": record.size,
+                    "answers_head": record.answers_head,
+                    "defect": record.defect,
+                    "changed_at": record.changed_at,
+                }
+                for name, record in sorted(self.files.items())
+            },
+            "checksum_lists": {name: list(files) for name, files in self.checksum_lists.items()},
+        }
+
+    def _image_snapshot(self, image: SimImage) -> Json:
+        plan = image.plan
+        parts = urlsplit(image.url)
+        return {
+            "id": image.id,
+            "name": image.name,
+            "url": urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query="")),
+            "region": image.region,
+            "distribution": image.distribution,
+            "description": image.description,
+            "tags": list(image.tags),
+            "created_at": image.created_at,
+            "deleted_at": None if image.deleted_mono is None else self._wall_of(image.deleted_mono),
+            "plan": {
+                "new_seconds": _finite_or_none(plan.new_seconds),
+                "pending_seconds": _finite_or_none(plan.pending_seconds),
+                "fail_after": plan.fail_after,
+                "failure_message": plan.failure_message,
+                "size_bytes": plan.size_bytes,
+                "compressed": plan.compressed,
+            },
+        }
+
+    def restore(self, snapshot: Mapping[str, Any]) -> None:
+        """Replace the account with one :meth:`snapshot` wrote; raises ``ValueError`` if unusable.
+
+        Each image's import goes on from its creation time, on this world's clock. Should
+        this clock's wall time be earlier than the save (a virtual clock that ran ahead, a
+        clock set back), the world goes on from the moment it was saved: time never runs
+        backwards for an image.
+        """
+        try:
+            self._restore(snapshot)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not a simulator snapshot ({type(exc).__name__}: {exc})") from None
+
+    def _restore(self, snapshot: Mapping[str, Any]) -> None:
+        if snapshot.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"unknown snapshot format {snapshot.get('format')!r}")
+        behind = max(0.0, float(snapshot["saved_at"]) - self.clock.wall())
+
+        def mono_of(wall: float) -> float:
+            return self.clock.monotonic() - (self.clock.wall() + behind - wall)
+
+        images: dict[int, SimImage] = {}
+        for raw in snapshot["images"]:
+            plan = raw["plan"]
+            deleted_at = raw["deleted_at"]
+            image = SimImage(
+                id=int(raw["id"]),
+                name=str(raw["name"]),
+                url=str(raw["url"]),
+                region=str(raw["region"]),
+                distribution=str(raw["distribution"]),
+                description=str(raw["description"]),
+                tags=tuple(str(tag) for tag in raw["tags"]),
+                plan=ImportPlan(
+                    new_seconds=_inf_if_none(plan["new_seconds"]),
+                    pending_seconds=_inf_if_none(plan["pending_seconds"]),
+                    fail_after=None if plan["fail_after"] is None else float(plan["fail_after"]),
+                    failure_message=str(plan["failure_message"]),
+                    size_bytes=int(plan["size_bytes"]),
+                    compressed=bool(plan["compressed"]),
+                ),
+                created_at=float(raw["created_at"]),
+                created_mono=mono_of(float(raw["created_at"])),
+                clock=self.clock,
+                deleted_by_user=deleted_at is not None,
+                deleted_mono=None if deleted_at is None else mono_of(float(deleted_at)),
+            )
+            images[image.id] = image
+        actions: dict[int, SimAction] = {}
+        for raw in snapshot["actions"]:
+            action = SimAction(
+                id=int(raw["id"]),
+                image_id=int(raw["image_id"]),
+                region=str(raw["region"]),
+                started_at=float(raw["started_at"]),
+                started_mono=mono_of(float(raw["started_at"])),
+                duration=float(raw["duration"]),
+                clock=self.clock,
+            )
+            actions[action.id] = action
+            images[action.image_id].transfers.append(action)
+        files: dict[str, SimFile] = {}
+        for name, raw in snapshot["files"].items():
+            defect = raw["defect"]
+            if defect is not None and defect not in FILE_DEFECTS:
+                raise ValueError(f"unknown file defect {defect!r}")
+            files[str(name)] = SimFile(
+                revision=int(raw["revision"]),
+                size=None if raw["size"] is None else int(raw["size"]),
+                answers_head=bool(raw["answers_head"]),
+                defect=defect,
+                changed_at=float(raw["changed_at"]),
+            )
+        lists = {
+            str(name): tuple(str(f) for f in names)
+            for name, names in snapshot["checksum_lists"].items()
+        }
+        next_image_id = max(int(snapshot["next_image_id"]), max(images, default=0) + 1)
+        next_action_id = max(int(snapshot["next_action_id"]), max(actions, default=0) + 1)
+        # Nothing is replaced before everything was read: a bad snapshot changes nothing.
+        self.images, self.actions, self.files, self.checksum_lists = images, actions, files, lists
+        self._next_image_id, self._next_action_id = next_image_id, next_action_id
+
+    def _wall_of(self, mono: float) -> float:
+        return self.clock.wall() - (self.clock.monotonic() - mono)
+
+
+def _finite_or_none(value: float) -> float | None:
+    # JSON has no infinity: a duration that never ends (a stuck import) is saved as null.
+    return value if math.isfinite(value) else None
+
+
+def _inf_if_none(value: float | None) -> float:
+    return math.inf if value is None else float(value)
 
 
 def _bearer_token(authorization: str | None) -> str | None:

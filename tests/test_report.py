@@ -1,0 +1,95 @@
+"""The report file: who may read it, where it can be written, and how it reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from importer.report import ImageResult, Outcome, Report, unwritable_reason
+
+
+def report_of(count: int, requests: int) -> Report:
+    images = tuple(
+        ImageResult(
+            index=i, name=f"img-{i}", region="nyc3", tag="importer:0", outcome=Outcome.AVAILABLE
+        )
+        for i in range(count)
+    )
+    return Report(
+        manifest="m.yaml", api_url="https://api.example.com", started_at=0.0, finished_at=1.0,
+        images=images, requests=requests, rate_limited=0,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def umask() -> Iterator[None]:
+    """Restore the process's umask after a test sets its own."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.usefixtures("umask")
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o027, 0o640)])
+def test_report_is_readable_by_others_less_the_umask(tmp_path: Path, mask: int, mode: int) -> None:
+    """The report holds no secret: mode 0644 less the umask, not 0600."""
+    os.umask(mask)
+    path = tmp_path / "deep" / "report.json"
+    report_of(1, 1).write(path)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert json.loads(path.read_text())["summary"]["available"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["report.json"]  # no temporary left
+
+
+def test_report_replaces_an_older_one_whole(tmp_path: Path) -> None:
+    """Writing over an existing report replaces it (atomically, through a rename)."""
+    path = tmp_path / "report.json"
+    path.write_text("old and longer than the new one " * 100)
+    report_of(2, 3).write(path)
+    assert json.loads(path.read_text())["summary"]["total"] == 2
+
+
+def test_writable_places(tmp_path: Path) -> None:
+    """An existing directory, or missing directories under one, can take the report."""
+    assert unwritable_reason(tmp_path / "r.json") is None
+    assert unwritable_reason(tmp_path / "a" / "b" / "r.json") is None
+    assert not (tmp_path / "a").exists()  # checking creates nothing
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_places(tmp_path: Path) -> None:
+    """A directory, or a path under a file, is named as the reason it cannot be written."""
+    (tmp_path / "f").write_text("")
+    assert unwritable_reason(tmp_path) == "it is a directory"
+    assert unwritable_reason(tmp_path / "f" / "r.json") == f"{tmp_path / 'f'} is not a directory"
+    assert unwritable_reason(tmp_path / "f" / "x" / "r.json") == (
+        f"{tmp_path / 'f'} is not a directory"
+    )
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_unwritable_even_for_root() -> None:
+    """A directory no one may create files in (/proc) is found out by trying, not by mode bits."""
+    reason = unwritable_reason(Path("/proc/report.json"))
+    assert reason is not None
+    assert reason.startswith("cannot create a file in /proc")
+
+
+@pytest.mark.parametrize(
+    ("count", "requests", "head"),
+    [
+        (1, 1, "1 image: 1 available (1 request, 0 rate-limited)"),
+        (2, 0, "2 images: 2 available (0 requests, 0 rate-limited)"),
+        (0, 1, "0 images: none (1 request, 0 rate-limited)"),
+    ],
+)
+def test_summary_counts_read_as_english(count: int, requests: int, head: str) -> None:
+    """One image, one request: singular; anything else: plural."""
+    assert report_of(count, requests).human_summary().splitlines()[0] == head
