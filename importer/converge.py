@@ -107,18 +107,19 @@ def decide(
         )
     live = [image for image in images if not image.has_failed]
     current = [image for image in live if version_tag in (image.tags or ())]
+    # A row without a version (an older schema's) is taken to be about this one.
+    about_this = row is not None and row.version in (None, version_tag)
+    # A create whose answer was lost: its image is looked for (and adopted) first.
+    reconcile = about_this and row is not None and row.phase is Phase.CREATING
     if current:
         keeper = min(current, key=keeper_key(name))
         action = Action.UNCHANGED if keeper.is_available else Action.WATCH
-        return Decision(action, image=keeper)
-    if row is not None and row.version == version_tag:
+        return Decision(action, image=keeper, reconcile=reconcile)
+    if about_this and row is not None:
         shown = {image.id for image in images}
         lost = row.phase is Phase.FINISHED and row.outcome == "failed"
         if row.image_id is not None and row.image_id not in shown and not lost:
             return Decision(Action.WATCH, image_id=row.image_id)
-        reconcile = row.phase is Phase.CREATING
-    else:
-        reconcile = False
     if source_error is not None:
         # A version is known (a checksum), but the file cannot be fetched: an
         # import would only fail, later and less clearly.

@@ -181,7 +181,7 @@ class Journal:
         A row about another version is history: it starts afresh.
         """
         self._db.execute(
-            "INSERT INTO entries(tag, name, region, group_tag, phase, creates_sent,"
+            "INSERT INTO entries(tag, name, region, group_tag, phase, creates_sent,"  # noqa: S608 - constant SQL
             " first_sent_at, updated_at, version) VALUES (?, ?, ?, ?, 'creating', 1, ?, ?, ?)"
             " ON CONFLICT(tag) DO UPDATE SET phase='creating', image_id=NULL, status=NULL,"
             " outcome=NULL, error=NULL, finished_at=NULL,"

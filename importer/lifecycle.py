@@ -476,8 +476,7 @@ class EntryLifecycle:
     ) -> None:
         now = self._clock.wall()
         item = self.item
-        if "image_id" in report:
-            self.result = replace(self.result, image_id=report["image_id"])
+        image_id = report.get("image_id", self.result.image_id)
         self._move(
             via,
             journal=lambda: self._journal.finished(
@@ -487,7 +486,7 @@ class EntryLifecycle:
                 outcome.value,
                 error,
                 now,
-                image_id=self.result.image_id,
+                image_id=image_id,
                 version=item.version_tag,
             ),
             event=event,
