@@ -33,7 +33,7 @@ import structlog
 from importer.api import Image
 from importer.client import ImagesClient
 from importer.clock import Clock, LoopClock, isoformat
-from importer.converge import Action, Decision, Delete, Rename, Step, created_at, decide, rotate
+from importer.converge import Action, Decision, Rename, Step, created_at, decide, rotate
 from importer.errors import (
     ApiError,
     ApiUnreachableError,
@@ -251,22 +251,9 @@ class Importer:
     def _log_plan(self, plan: RunPlan) -> None:
         counts = plan.counts()
         self._log.info("plan.made", set=plan.set, summary=plan.summary_line(), **counts)
-        for item in plan.items:
-            if not plan.needs_work(item):
-                continue
-            steps = item.rotation.steps if item.rotation is not None else ()
-            self._log.info(
-                "plan.entry",
-                index=item.index,
-                name=item.entry.name,
-                region=item.entry.region,
-                action=item.decision.action.value,
-                version=str(item.version) if item.version is not None else None,
-                image_id=item.decision.watched_id,
-                renames=sum(isinstance(step, Rename) for step in steps),
-                deletes=sum(isinstance(step, Delete) for step in steps),
-                error=item.decision.error,
-            )
+        for fields in plan.entry_events():
+            # One line per entry with something to do; ``importer run`` shows the table.
+            self._log.debug("plan.entry", **fields)
         for image in plan.orphans:
             self._log.warning("plan.orphan", image_id=image.id, name=image.name, delete=plan.prune)
 
@@ -688,6 +675,7 @@ async def run_import(
     journal: Journal | None = None,
     sizer: HeadSizer | None = None,
     prober: SourceProber | None = None,
+    size_order: bool = True,
     prune: bool = False,
     on_plan: Callable[[RunPlan], None] | None = None,
     seed: int | None = None,
@@ -700,7 +688,8 @@ async def run_import(
     ``settings.state_path`` is opened for the run. With a ``prober``, each source is
     asked once (``HEAD``, no API budget) for its size and version; with only a
     ``sizer``, for its size (the version is then the entry's checksum, else its
-    URL). Known sizes send the longest imports first. ``prune`` deletes the set's
+    URL). Known sizes send the longest imports first, unless ``size_order`` is
+    false (the manifest's order then stands). ``prune`` deletes the set's
     images whose entry left the manifest; ``on_plan`` sees the plan before anything
     is sent. Every API failure becomes part of the report; ``report.stopped`` says
     whether the run ended early, and why.
@@ -735,7 +724,7 @@ async def run_import(
                 journal,
                 clock,
                 settings,
-                sources=source_reader(prober, sizer),
+                sources=source_reader(prober, sizer, size_order=size_order),
                 prune=prune,
                 on_plan=on_plan,
             )
@@ -755,11 +744,22 @@ async def run_import(
     )
 
 
-def source_reader(prober: SourceProber | None, sizer: HeadSizer | None) -> SourcesFn | None:
+def source_reader(
+    prober: SourceProber | None, sizer: HeadSizer | None, *, size_order: bool = True
+) -> SourcesFn | None:
     """How a run learns its sources: probed (size and version), sized only, or not at all."""
     if prober is not None:
-        return prober.probe_all
+        probe = prober
 
+        async def probed(entries: Sequence[Entry]) -> Mapping[int, SourceFacts]:
+            infos = await probe.probe_all(entries)
+            if size_order:
+                return infos
+            return {
+                index: KnownSource(None, info.version, info.error) for index, info in infos.items()
+            }
+
+        return probed
     if sizer is None:
         return None
     known = sizer

@@ -174,6 +174,28 @@ class RunPlan:
             lines.append(f"  {verb:<9} {image.name} image {image.id} (its entry left the manifest)")
         return lines
 
+    def entry_events(self) -> list[dict[str, Any]]:
+        """The fields of a ``plan.entry`` event for each entry with something to do."""
+        events = []
+        for item in self.items:
+            if not self.needs_work(item):
+                continue
+            steps = item.rotation.steps if item.rotation is not None else ()
+            events.append(
+                {
+                    "index": item.index,
+                    "name": item.entry.name,
+                    "region": item.entry.region,
+                    "action": item.decision.action.value,
+                    "version": str(item.version) if item.version is not None else None,
+                    "image_id": item.decision.watched_id,
+                    "renames": sum(isinstance(step, Rename) for step in steps),
+                    "deletes": sum(isinstance(step, Delete) for step in steps),
+                    "error": item.decision.error,
+                }
+            )
+        return events
+
     def to_json(self) -> dict[str, Any]:
         counts = self.counts()
         return {
