@@ -14,8 +14,10 @@ as the set's listing showed them, its journal row) into an :class:`Action`:
 ``replace``   only other versions are live: the new one is imported under a
               provisional name (``<name>@<label>``) and takes the name only once
               it is available (:func:`rotate`)
-``error``     the source cannot be read or versioned: the entry fails with the
-              reason; the others go on
+``error``     the source's version cannot be learned (its host does not answer
+              and no checksum is given, or ``checksums_url`` cannot be read or
+              has no line for the file): the entry fails with the reason, the
+              others go on, and nothing of the entry is touched
 ============  =================================================================
 
 Failed images (``deleted``, ``retired``) never count: an entry that failed last
@@ -120,10 +122,9 @@ def decide(
         lost = row.phase is Phase.FINISHED and row.outcome == "failed"
         if row.image_id is not None and row.image_id not in shown and not lost:
             return Decision(Action.WATCH, image_id=row.image_id)
-    if source_error is not None:
-        # A version is known (a checksum), but the file cannot be fetched: an
-        # import would only fail, later and less clearly.
-        return Decision(Action.ERROR, error=source_error)
+    # A version known despite a source error came from a checksum, which is
+    # authoritative: the import goes ahead, and DigitalOcean, which fetches the
+    # file itself, says whether it can (the probe only sizes it then).
     action = Action.REPLACE if live else Action.CREATE
     return Decision(action, reconcile=reconcile)
 

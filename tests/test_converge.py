@@ -178,11 +178,11 @@ def test_a_source_without_version_is_an_error() -> None:
     assert decision.error == "cannot read"
 
 
-def test_a_checksum_with_an_unreachable_file() -> None:
-    """A known version whose file cannot be fetched: unchanged if imported, else an error."""
+def test_a_checksum_decides_even_when_the_file_cannot_be_probed() -> None:
+    """A version from a checksum stands when the probe failed: the account decides as usual."""
     kwargs: dict[str, Any] = {"name": NAME, "version_tag": V2, "source_error": "404", "row": None}
     assert decide(images=[img(1, V2)], **kwargs).action is Action.UNCHANGED
-    assert decide(images=[img(1, V1)], **kwargs).action is Action.ERROR
+    assert decide(images=[img(1, V1)], **kwargs).action is Action.REPLACE
 
 
 # -- rotation -----------------------------------------------------------------------
