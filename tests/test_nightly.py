@@ -85,7 +85,8 @@ def live(world: World) -> list[Any]:
 
 
 def tag_of(image: Any, prefix: str) -> str:
-    return next(tag for tag in image.tags if tag.startswith(prefix))
+    tag: str = next(tag for tag in image.tags if tag.startswith(prefix))
+    return tag
 
 
 def assert_converged(world: World, names: Sequence[str] = NAMES) -> None:
@@ -257,7 +258,8 @@ async def kill_while_importing(sim: Simulator, document: Manifest, version_of: s
     """Run a night and cut it off (as kill -9 would) once an image of the new content imports."""
 
     async def watch_and_kill(scope: anyio.CancelScope) -> None:
-        while not any(
+        # The simulated world has no event to wait on: look every 50 ms (virtual).
+        while not any(  # noqa: ASYNC110
             version_of in image.tags and image.status in ("NEW", "pending")
             for image in sim.world.images.values()
         ):
