@@ -708,6 +708,62 @@ def _fault_options(command: FC) -> FC:
 @click.option(
     "--slow-seconds", type=click.FloatRange(0), default=None, help="How late a slow answer is."
 )
+@click.option(
+    "--count-rate-limited/--free-rate-limited",
+    default=None,
+    help="Whether requests answered 429 count against the budgets [default: free].",
+)
+@click.option(
+    "--other-burst",
+    type=click.IntRange(0),
+    default=None,
+    help="Another client of the token sends this many requests just before its first one.",
+)
+@click.option(
+    "--other-per-minute",
+    type=click.FloatRange(0),
+    default=None,
+    help="That other client then sends this many requests per minute.",
+)
+@click.option(
+    "--list-lag",
+    type=click.FloatRange(0),
+    default=None,
+    help="Seconds before a new image appears in listings.",
+)
+@click.option(
+    "--list-failed/--hide-failed",
+    default=None,
+    help="Whether failed images appear in listings until purged [default: hidden].",
+)
+@click.option(
+    "--purge-failed-after",
+    type=click.FloatRange(0),
+    default=None,
+    help="Seconds after a failure before the image answers 404 [default: never].",
+)
+@click.option(
+    "--links-base-url",
+    default=None,
+    help="Base of the pagination links, e.g. https://api.digitalocean.com [default: this host].",
+)
+@click.option(
+    "--delay-after",
+    type=click.FloatRange(0),
+    default=None,
+    help="Seconds after the first request from which every answer is late [default: never].",
+)
+@click.option(
+    "--delay-seconds",
+    type=click.FloatRange(0),
+    default=None,
+    help="How late, with --delay-after [default: 30].",
+)
+@click.option(
+    "--refuse-delete-importing/--allow-delete-importing",
+    default=None,
+    help="Whether DELETE of an image still importing answers 422 [default: allowed].",
+)
 @_fault_options
 @click.option(
     "--log-format",

@@ -1,15 +1,29 @@
 """The governor: how many requests may be in flight, and when the next may leave.
 
-Four rules, all enforced in :meth:`Governor.slot`:
+Five rules, all enforced in :meth:`Governor.slot`:
 
 * at most ``concurrency`` requests in flight;
 * at most ``limit`` requests in any sliding window of ``period`` seconds, for
   each window (DigitalOcean counts each request for one minute in its burst
   limit and for one hour in its hourly one: a sliding log, not a fixed window);
-* what other users of the token spend comes off the hourly budget: every answer's
-  ``ratelimit-remaining`` says how much of the hour the token has used, and what
-  is not ours is theirs;
-* after a 429, nobody sends until the pause the API asked for is over.
+* what other users of the token spend comes off the hourly budget: every
+  successful answer's ``ratelimit-remaining`` says how much of the hour the token
+  has used, and what is not ours is theirs. A 429's ``ratelimit-remaining`` says
+  nothing about the hour (a burst 429 reads 0 however much of the hour is left),
+  so 429s never teach it;
+* after a 429, nobody sends until the pause is over: ``retry-after`` when the
+  API gives it, else a short pause that doubles on each further 429, up to a
+  minute;
+* then a single *probe* goes alone, one request in flight until one is answered
+  without a 429; only then does everyone else follow, at the pace of the windows.
+  A burst 429 also says the API's minute is full: the minute window is padded
+  with the requests the API must be holding, freed from ``retry-after`` to the
+  end of the minute, so that the queue does not rush into a window that frees
+  one request at a time.
+
+A 429'd request was not counted by the API (if it was, the next successful
+answer's ``ratelimit-remaining`` says so, and it is counted as someone else's),
+so it leaves our logs.
 
 Requests wait in priority order, FIFO within a priority: status checks (few, and
 each one that waits delays what the run learns) go before creates (many, and
@@ -29,6 +43,7 @@ import math
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -66,17 +81,27 @@ class SlidingLog:
     ``margin`` seconds are added to the window: the server stamps a request when
     it arrives, which is a little after we sent it, and by a different amount for
     each request; a request sent the instant ours expires could still find it there.
+
+    Besides our own requests, the log may hold requests the server is known to
+    hold for someone else (see :meth:`fill`).
     """
 
     def __init__(self, window: Window, margin: float = 0.0) -> None:
         self.window = window
         self._span = window.period + margin
-        self._times: deque[float] = deque()
+        self._ours: deque[float] = deque()
+        self._theirs: deque[float] = deque()
 
     def _expire(self, now: float) -> None:
         horizon = now - self._span
-        while self._times and self._times[0] <= horizon:
-            self._times.popleft()
+        for times in (self._ours, self._theirs):
+            while times and times[0] <= horizon:
+                times.popleft()
+
+    def _nth_oldest(self, index: int) -> float:
+        if not self._theirs:
+            return self._ours[index]
+        return next(itertools.islice(heapq.merge(self._ours, self._theirs), index, None))
 
     def wait_time(self, now: float, spent_elsewhere: int = 0) -> float:
         """Seconds until one more request fits (0 if it fits now).
@@ -85,21 +110,47 @@ class SlidingLog:
         occupy the window.
         """
         self._expire(now)
+        held = len(self._ours) + len(self._theirs)
         room = self.window.limit - spent_elsewhere
         if room <= 0:
             # Not ours to free: wait as long as our oldest, or a whole window if none.
-            return self._span if not self._times else self._times[0] + self._span - now
-        if len(self._times) < room:
+            return self._span if not held else self._nth_oldest(0) + self._span - now
+        if held < room:
             return 0.0
-        return max(0.0, self._times[len(self._times) - room] + self._span - now)
+        return max(0.0, self._nth_oldest(held - room) + self._span - now)
 
     def record(self, now: float) -> None:
-        self._times.append(now)
+        self._ours.append(now)
+
+    def forget(self, sent: float) -> None:
+        """Take back one request recorded at ``sent`` (the API did not count it)."""
+        # The newest entries are at the right, and the one to forget is recent.
+        for index in range(len(self._ours) - 1, -1, -1):
+            if self._ours[index] == sent:
+                del self._ours[index]
+                return
+
+    def fill(self, now: float, first_free: float) -> None:
+        """Fill the window up to its limit with others' requests, freed from ``first_free`` on.
+
+        For a window the server says is full now and frees its oldest request at
+        ``first_free``: when the rest free is unknown, so they are spread evenly
+        over the rest of the window.
+        """
+        self._expire(now)
+        missing = self.window.limit - len(self._ours) - len(self._theirs)
+        if missing <= 0:
+            return
+        last_free = max(first_free, now + self.window.period)
+        step = (last_free - first_free) / missing
+        # An entry recorded at t frees at t + span.
+        theirs = [first_free + i * step - self._span for i in range(missing)]
+        self._theirs = deque(heapq.merge(self._theirs, theirs))
 
     def count(self, now: float) -> int:
         """Our requests in the window right now."""
         self._expire(now)
-        return len(self._times)
+        return len(self._ours)
 
 
 @dataclass(order=True)
@@ -173,6 +224,24 @@ class _PriorityGate:
         self._free += 1
 
 
+@dataclass(eq=False)
+class _Ticket:
+    """One admitted request: when it was logged, and under which pause it left."""
+
+    governor: Governor
+    sent: float
+    #: The governor's pause count when it left: a 429 to a request that left
+    #: before the latest pause began tells nothing new.
+    epoch: int
+    probe: bool
+    answered: bool = False
+
+
+# The request the current task holds a slot for, so that ``observe`` (called by
+# the client inside the slot) knows which request an answer is about.
+_HELD: ContextVar[_Ticket | None] = ContextVar("importer_governor_held", default=None)
+
+
 class Governor:
     """Admits requests under a concurrency limit, sliding windows and 429 pauses."""
 
@@ -184,7 +253,8 @@ class Governor:
         windows: Sequence[Window],
         margin: float = 1.0,
         status_share: float = 0.05,
-        default_pause: float = 5.0,
+        default_pause: float = 2.0,
+        max_probe_pause: float = 60.0,
         max_pause: float = 3600.0,
     ) -> None:
         if concurrency < 2:
@@ -198,6 +268,9 @@ class Governor:
         self._logs = [SlidingLog(w, margin) for w in windows]
         # The window DigitalOcean's ratelimit-* headers describe: the hour.
         self._hourly = next((log for log in self._logs if log.window.period >= HOUR), None)
+        # The burst window a retry-after speaks of: the shortest one under an hour.
+        short = [log for log in self._logs if log.window.period < HOUR]
+        self._burst = min(short, key=lambda log: log.window.period) if short else None
         # Others' requests seen in the hour, and when the last of those surely expired.
         self._others = 0
         self._others_until = -math.inf
@@ -205,8 +278,15 @@ class Governor:
             math.floor(self._hourly.window.limit * status_share) if self._hourly else 0
         )
         self._paused_until = -math.inf
+        # Pauses begun so far; each 429 to a request sent under the latest one begins another.
+        self._epoch = 0
+        # After a 429: one request at a time until one gets through.
+        self._probing = False
+        self._probe_out = False
+        self._changed: anyio.Event | None = None
         self._consecutive_429 = 0
         self._default_pause = default_pause
+        self._max_probe_pause = max_probe_pause
         self._max_pause = max_pause
         self._log = structlog.get_logger("importer.governor")
         #: 429 answers observed.
@@ -221,12 +301,20 @@ class Governor:
             await stack.enter_async_context(self._in_flight.hold(priority))
             while True:
                 async with self._head.hold(priority):
-                    if await self._wait_for_budget(priority):
+                    ticket = await self._wait_for_budget(priority)
+                    if ticket is not None:
                         break
-            yield
+            held = _HELD.set(ticket)
+            try:
+                yield
+            finally:
+                _HELD.reset(held)
+                if ticket.probe and not ticket.answered:
+                    # No answer (a dropped connection, a cancellation): the next one probes.
+                    self._probe_done()
 
-    async def _wait_for_budget(self, priority: Priority) -> bool:
-        """Wait until the budget allows one more request and take it; ``False`` to yield.
+    async def _wait_for_budget(self, priority: Priority) -> _Ticket | None:
+        """Wait until the budget allows one more request and take it; ``None`` to yield.
 
         Whoever waits at the head sleeps until budget frees up; if someone more
         urgent arrived meanwhile, it steps back so that they get that budget.
@@ -237,20 +325,33 @@ class Governor:
             if wait <= 0:
                 break
             if await self._sleep_unless_outranked(wait, priority):
-                return False
+                return None
         for log in self._logs:
             log.record(now)
-        return True
+        ticket = _Ticket(self, now, self._epoch, probe=self._probing)
+        if ticket.probe:
+            self._probe_out = True
+        return ticket
 
     async def _sleep_unless_outranked(self, seconds: float, priority: Priority) -> bool:
-        """Sleep ``seconds``; ``True`` if cut short because someone more urgent arrived."""
+        """Sleep ``seconds``; ``True`` if cut short because someone more urgent arrived.
+
+        An infinite wait (a probe is out) lasts until the probe's answer, or the
+        next 429, changes things.
+        """
         if self._head.outranked(priority):
             return True
+        if self._changed is None:
+            self._changed = anyio.Event()
+        changed = self._changed
         outranked = False
         async with anyio.create_task_group() as tg:
 
             async def sleep() -> None:
-                await self._clock.sleep(seconds)
+                if math.isinf(seconds):
+                    await changed.wait()  # a probe is out: its answer decides
+                else:
+                    await self._clock.sleep(seconds)
                 tg.cancel_scope.cancel()
 
             async def watch() -> None:
@@ -264,7 +365,18 @@ class Governor:
                 tg.start_soon(watch)
         return outranked
 
+    def _signal_change(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    def _probe_done(self) -> None:
+        self._probe_out = False
+        self._signal_change()
+
     def _budget_wait(self, now: float, priority: Priority) -> float:
+        if self._probing and self._probe_out:
+            return math.inf
         waits = [self._paused_until - now]
         for log in self._logs:
             others = 0
@@ -280,35 +392,68 @@ class Governor:
         return max(waits)
 
     def observe(self, status: int, rate: RateLimit) -> None:
-        """Learn from an answer: what others spend, and whether to pause everyone."""
-        if rate.limit is not None and rate.remaining is not None and self._hourly is not None:
-            now = self._clock.monotonic()
-            # The token's use in the hour, less ours, is theirs. Their requests expire
-            # at unknown times within the hour; until then, count them all.
-            others = max(0, rate.limit - rate.remaining - self._hourly.count(now))
-            if others != self._others:
-                self._log.info("rate_limit.shared", others=others, remaining=rate.remaining)
-            self._others = others
-            self._others_until = now + self._hourly.window.period
+        """Learn from an answer: what others spend, and whether to pause everyone.
+
+        Called inside :meth:`slot`, it knows which request answered; outside one
+        (an answer not tied to a slot), the answer is taken as the newest news.
+        """
+        ticket = _HELD.get()
+        if ticket is not None and (ticket.governor is not self or ticket.answered):
+            ticket = None
+        if ticket is not None:
+            ticket.answered = True
+            if ticket.probe:
+                self._probe_done()
+        # Sent under the latest pause (or unknown): its answer is news about now.
+        current = ticket is None or ticket.epoch == self._epoch
+        if 200 <= status < 300:
+            self._learn_others(rate)
         if status != 429:
-            self._consecutive_429 = 0
+            if current and status < 500:
+                # It passed the API's limits: the way is open again.
+                self._consecutive_429 = 0
+                if self._probing:
+                    self._probing = False
+                    self._signal_change()
             return
         self.rate_limited += 1
-        self._consecutive_429 += 1
+        now = self._clock.monotonic()
+        if ticket is not None:
+            for log in self._logs:
+                log.forget(ticket.sent)
+        if current:
+            self._epoch += 1
+            self._consecutive_429 += 1
+            self._probing = True
         pause = self._pause_for(rate)
-        until = self._clock.monotonic() + pause
+        if rate.retry_after is not None and self._burst is not None:
+            self._burst.fill(now, now + pause)
+        until = now + pause
         if until > self._paused_until:
             self._paused_until = until
             self._log.warning("rate_limit.paused", seconds=round(pause, 3))
+        self._signal_change()
+
+    def _learn_others(self, rate: RateLimit) -> None:
+        if rate.limit is None or rate.remaining is None or self._hourly is None:
+            return
+        now = self._clock.monotonic()
+        # The token's use in the hour, less ours, is theirs. Their requests expire
+        # at unknown times within the hour; until then, count them all.
+        others = max(0, rate.limit - rate.remaining - self._hourly.count(now))
+        if others != self._others:
+            self._log.info("rate_limit.shared", others=others, remaining=rate.remaining)
+        self._others = others
+        self._others_until = now + self._hourly.window.period
 
     def _pause_for(self, rate: RateLimit) -> float:
         if rate.retry_after is not None and rate.retry_after >= 0:
             return min(rate.retry_after, self._max_pause)
-        if rate.reset is not None and rate.remaining == 0:
-            # Hourly limit: nothing frees up before the oldest request expires.
-            return min(max(0.0, rate.reset - self._clock.wall()), self._max_pause)
-        # No hint: back off exponentially on repeated 429s.
-        return min(self._default_pause * 2.0 ** (self._consecutive_429 - 1), self._max_pause)
+        # No hint: a burst or the hour, nobody says. Probe soon, and less often
+        # while 429s go on. (An hour spent by others shows in successful answers'
+        # ratelimit-remaining, and the hourly window waits for it by itself.)
+        backoff = self._default_pause * 2.0 ** max(0, self._consecutive_429 - 1)
+        return min(backoff, self._max_probe_pause)
 
     def charge(self, now: float) -> None:
         """Count a request that left without asking: aiohttp resends some on its own."""

@@ -190,8 +190,9 @@ async def test_create_retries_429_after_retry_after(harness: Harness) -> None:
 
 
 @pytest.mark.anyio
-async def test_429_without_retry_after_waits_for_ratelimit_reset(harness: Harness) -> None:
-    """Hourly 429 (remaining 0, no retry-after): the next attempt waits until ratelimit-reset."""
+async def test_429_without_retry_after_probes_again_soon(harness: Harness) -> None:
+    """A 429 without retry-after (remaining 0, a reset 300 s away) is retried after a short
+    pause, not at ratelimit-reset: remaining 0 on a 429 does not mean the hour is spent."""
     reset_at = str(int(1_700_000_000 + anyio.current_time() + 300))
     harness.script.replies = [
         error(
@@ -201,7 +202,8 @@ async def test_429_without_retry_after_waits_for_ratelimit_reset(harness: Harnes
     ]
     start = anyio.current_time()
     await harness.client.get(42)
-    assert anyio.current_time() - start == pytest.approx(300, abs=1.0)
+    assert anyio.current_time() - start == pytest.approx(2.0)
+    assert harness.script.received == ["GET /v2/images/42"] * 2
 
 
 @pytest.mark.anyio

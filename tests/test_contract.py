@@ -246,3 +246,39 @@ def test_the_harness_rejects_an_answer_outside_the_spec(openapi: OpenAPI) -> Non
             openapi.validate_response(request, response)
     fine = SpecResponse(200, "application/json", {}, json.dumps({"image": good}).encode())
     openapi.validate_response(request, fine)
+
+
+async def test_answers_under_every_switch_match_the_spec(openapi: OpenAPI) -> None:
+    """Burst 429 (remaining 0, retry-after), a refused DELETE (422), a purged image (404),
+    links on another host, late answers, counted 429s and another client: all fit the spec."""
+    switches: dict[str, Any] = {
+        "per_minute": 6,
+        "count_rate_limited": True,
+        "other_burst": 2,
+        "other_per_minute": 1.0,
+        "list_lag": 2.0,
+        "list_failed": True,
+        "list_in_progress": True,
+        "purge_failed_after": 5.0,
+        "links_base_url": DEFAULT_API_URL,
+        "delay_after": 40.0,
+        "delay_seconds": 3.0,
+        "refuse_delete_importing": True,
+    }
+    async with contract(openapi, **switches) as api:
+        created = await api.call("POST", "/v2/images", body=new_image("a"), status=202)
+        image_id = created.json()["image"]["id"]
+        refused = await api.call("DELETE", f"/v2/images/{image_id}", status=422)
+        assert refused.json()["id"] == "unprocessable_entity"
+        failing = await api.call(
+            "POST", "/v2/images", body=new_image("f", marker="-fail-fast"), status=202
+        )
+        await api.call("POST", "/v2/images", body=new_image("b"), status=202)
+        limited = await api.call("GET", "/v2/images", status=429)
+        assert limited.response.headers["ratelimit-remaining"] == "0"
+        assert limited.response.headers["retry-after"].isdigit()
+        await anyio.sleep(61)
+        listed = await api.call("GET", "/v2/images?private=true&per_page=1", status=200)
+        assert listed.json()["links"]["pages"]["next"].startswith(f"{DEFAULT_API_URL}/v2/images?")
+        await api.call("GET", f"/v2/images/{failing.json()['image']['id']}", status=404)
+        await api.call("DELETE", f"/v2/images/{image_id}", status=204)

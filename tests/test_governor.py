@@ -120,8 +120,11 @@ async def test_429_with_retry_after_pauses_every_request() -> None:
 
 
 @pytest.mark.anyio
-async def test_hourly_429_waits_until_reset() -> None:
-    """A 429 with no retry-after and remaining 0 waits until ratelimit-reset."""
+async def test_429_without_retry_after_probes_soon_whatever_remaining_says() -> None:
+    """A 429 with remaining 0 and a reset 2 minutes away but no retry-after: a 2 s probe pause.
+
+    remaining 0 on a 429 does not tell the hour is spent: a burst 429 says the same.
+    """
     clock = FakeClock()
     governor = Governor(clock, concurrency=2, windows=(Window(250, 60.0),))
     governor.observe(
@@ -130,7 +133,141 @@ async def test_hourly_429_waits_until_reset() -> None:
     before = clock.now
     async with governor.slot():
         pass
-    assert clock.now - before == pytest.approx(120.0)
+    assert clock.now - before == pytest.approx(2.0)
+
+
+@pytest.mark.anyio
+async def test_a_burst_429_does_not_count_the_hour_as_spent_by_others() -> None:
+    """Burst 429 (remaining 0, retry-after 29): every priority waits 29 s, not the hour."""
+    clock = FakeClock()
+    governor = Governor(
+        clock, concurrency=4, windows=(Window(225, 60.0), Window(4500, 3600.0)), margin=0.0
+    )
+    for _ in range(3):
+        async with governor.slot():
+            pass
+    burst = RateLimit(limit=5000, remaining=0, reset=clock.wall() + 3600, retry_after=29.0)
+    governor.observe(429, burst)
+    start = clock.now
+    async with governor.slot(Priority.STATUS):
+        governor.observe(200, RateLimit(limit=5000, remaining=4996, reset=None, retry_after=None))
+    assert clock.now - start == pytest.approx(29.0)
+    for priority in (Priority.STATUS, Priority.CREATE):
+        async with governor.slot(priority):
+            pass
+    # The minute was full at the 429; its rest frees over the minute, nothing like an hour.
+    assert clock.now - start < 60.0
+
+
+@pytest.mark.anyio
+async def test_others_are_learned_from_successful_answers_only() -> None:
+    """An error answer's remaining teaches nothing; a 2xx's does (here: 60 of 100 left)."""
+    clock = FakeClock()
+    governor = Governor(
+        clock, concurrency=2, windows=(Window(100, 3600.0),), margin=0.0, status_share=0.0
+    )
+    governor.observe(404, RateLimit(limit=100, remaining=0, reset=None, retry_after=None))
+    governor.observe(500, RateLimit(limit=100, remaining=0, reset=None, retry_after=None))
+    start = clock.now
+    for _ in range(60):
+        async with governor.slot():
+            pass
+    assert clock.now == start
+    governor.observe(200, RateLimit(limit=100, remaining=0, reset=None, retry_after=None))
+    async with governor.slot():
+        pass
+    assert clock.now - start == pytest.approx(3600.0)  # the hour is spent: 40 theirs, 60 ours
+
+
+@pytest.mark.anyio
+async def test_a_rate_limited_request_leaves_the_logs() -> None:
+    """A request answered 429 was not counted by the API: its place in the window is free."""
+    clock = FakeClock()
+    governor = Governor(clock, concurrency=2, windows=(Window(2, 60.0),), margin=0.0)
+    async with governor.slot():
+        governor.observe(200, NO_HINT)
+    async with governor.slot():
+        governor.observe(429, NO_HINT)
+    start = clock.now
+    async with governor.slot():  # the probe, after the short pause
+        governor.observe(200, NO_HINT)
+    assert clock.now - start == pytest.approx(2.0)
+    async with governor.slot():  # the window holds the first request and the probe
+        pass
+    assert clock.now - start == pytest.approx(60.0)
+
+
+@pytest.mark.anyio
+async def test_after_a_429_one_probe_goes_alone_until_one_gets_through() -> None:
+    """Eight waiting requests after a 429: one probe at a time until one succeeds, then all."""
+    clock = LoopClock()
+    governor = Governor(clock, concurrency=8, windows=(Window(1000, 60.0),), margin=0.0)
+    answers = iter([429, 429, 200])
+    admitted: list[float] = []
+
+    async def request() -> None:
+        async with governor.slot(Priority.STATUS):
+            admitted.append(clock.monotonic())
+            await clock.sleep(0.5)  # latency: the other requests queue meanwhile
+            status = next(answers, 200)
+            retry = 3.0 if status == 429 else None
+            governor.observe(status, RateLimit(None, None, None, retry_after=retry))
+
+    start = clock.monotonic()
+    async with governor.slot():
+        governor.observe(429, RateLimit(None, None, None, retry_after=5.0))
+    async with anyio.create_task_group() as tg:
+        for _ in range(8):
+            tg.start_soon(request)
+    relative = [round(t - start, 3) for t in admitted]
+    # 5 s pause, probe answered 429 at 5.5 s (3 s more), probe at 8.5 s answered 429 too,
+    # probe at 12 s gets through at 12.5 s: the five others follow at once.
+    assert relative == [5.0, 8.5, 12.0] + [12.5] * 5
+    assert governor.rate_limited == 3
+
+
+@pytest.mark.anyio
+async def test_requests_in_flight_at_a_429_do_not_prolong_the_pause() -> None:
+    """Four hintless 429s for requests sent together: one 2 s pause, not a doubled backoff."""
+    clock = LoopClock()
+    governor = Governor(clock, concurrency=4, windows=(Window(1000, 60.0),))
+    admitted: list[float] = []
+
+    async def request() -> None:
+        async with governor.slot(Priority.STATUS):
+            admitted.append(clock.monotonic())
+            await clock.sleep(0.1)
+            governor.observe(429 if len(admitted) <= 4 else 200, NO_HINT)
+
+    start = clock.monotonic()
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(request)
+    assert [round(t - start, 3) for t in admitted] == [0.0] * 4 + [2.1]
+    assert governor.rate_limited == 4
+
+
+@pytest.mark.anyio
+async def test_a_burst_429_spreads_the_queue_over_the_rest_of_the_minute() -> None:
+    """Burst 429 with retry-after 30 and nothing of ours in the minute: after the probe, the
+    queue leaves one request every 3 s (the API's full window freeing from 30 s to 60 s)."""
+    clock = LoopClock()
+    governor = Governor(clock, concurrency=8, windows=(Window(10, 60.0),), margin=0.0)
+    admitted: list[float] = []
+
+    async def request() -> None:
+        async with governor.slot(Priority.STATUS):
+            admitted.append(clock.monotonic())
+            governor.observe(200, NO_HINT)
+
+    start = clock.monotonic()
+    governor.observe(429, RateLimit(None, 0, None, retry_after=30.0))
+    async with anyio.create_task_group() as tg:
+        for _ in range(12):
+            tg.start_soon(request)
+    relative = [round(t - start, 3) for t in admitted]
+    assert relative[:10] == [30.0 + 3 * i for i in range(10)]
+    assert relative[10:] == [90.0, 93.0]  # then our own requests' minute rules
 
 
 @pytest.mark.anyio

@@ -11,7 +11,9 @@ from typing import Any
 import aiohttp
 import anyio
 import pytest
+from click.testing import CliRunner
 
+from importer import cli
 from importer.catalog import DECOMPRESS_ERROR
 from importer.clock import LoopClock, isoformat
 from importer.simulator import Simulator, SimulatorConfig, World, run_simulator
@@ -437,7 +439,8 @@ async def test_revoke_after_turns_every_later_request_into_401() -> None:
 
 
 async def test_minute_limit_answers_429_with_retry_after() -> None:
-    """The per-minute burst limit answers 429 with retry-after until the oldest request expires."""
+    """The per-minute burst limit answers 429 with retry-after until the oldest request expires,
+    and remaining 0 although most of the hour is left, as DigitalOcean documents."""
     async with simulator(per_minute=3, per_hour=100) as client:
         t0 = anyio.current_time()
         for moment in (0, 10, 20):
@@ -460,7 +463,7 @@ async def test_minute_limit_answers_429_with_retry_after() -> None:
     }
     assert headers["retry-after"] == "30"
     assert headers["ratelimit-limit"] == "100"
-    assert headers["ratelimit-remaining"] == "97"
+    assert headers["ratelimit-remaining"] == "0"
     assert headers["ratelimit-reset"] == str(math.ceil(EPOCH + 3600))
 
 
@@ -498,13 +501,14 @@ async def test_429_answers_do_not_count_against_the_budget() -> None:
             async with client[1].get("/v2/images") as response:
                 statuses.append(response.status)
         await at(t0, 60)
+        remaining = []
         for _ in range(3):
             async with client[1].get("/v2/images") as response:
                 statuses.append(response.status)
-                remaining = response.headers["ratelimit-remaining"]
+                remaining.append(response.headers["ratelimit-remaining"])
         assert client[0].world.rate_limited_count == 13
     assert statuses == [200, 200] + [429] * 12 + [200, 200, 429]
-    assert remaining == "96"
+    assert remaining == ["97", "96", "0"]
 
 
 async def test_every_response_carries_rate_limit_headers_and_request_id() -> None:
@@ -529,6 +533,219 @@ async def test_every_response_carries_rate_limit_headers_and_request_id() -> Non
                     assert response.headers[header].isdigit()
                 assert response.headers["x-request-id"]
     assert seen == [200, 200, 204, 404, 422, 429, 401]
+
+
+async def test_rate_limited_requests_count_against_the_budget_when_switched_on() -> None:
+    """count_rate_limited: every 429 is logged too, so hammering keeps the minute full and
+    spends the hour; retry-after names the moment the window really has room."""
+    async with simulator(per_minute=2, per_hour=100, count_rate_limited=True) as client:
+        t0 = anyio.current_time()
+        for _ in range(2):
+            async with client[1].get("/v2/images") as response:
+                assert response.status == 200
+        retry_after = []
+        for moment in (1, 30):
+            await at(t0, moment)
+            async with client[1].get("/v2/images") as response:
+                assert response.status == 429
+                assert response.headers["ratelimit-remaining"] == "0"
+                retry_after.append(response.headers["retry-after"])
+        await at(t0, 60)
+        async with client[1].get("/v2/images") as response:
+            assert response.status == 429  # the 429 at 1 s still fills the minute
+            retry_after.append(response.headers["retry-after"])
+        await at(t0, 61)
+        async with client[1].get("/v2/images") as response:
+            assert response.status == 429  # the ones at 30 s and 60 s now
+        await at(t0, 120)
+        async with client[1].get("/v2/images") as response:
+            assert response.status == 200
+            # 2 served, 4 refused and one served now: 7 of the hour's 100.
+            assert response.headers["ratelimit-remaining"] == "93"
+    # At 1 s the window holds 0, 0, 1: room when the second 0 expires, at 60 s. At 60 s it
+    # holds 1, 30, 60: room at 90 s.
+    assert retry_after == ["59", "31", "30"]
+
+
+async def test_another_client_spends_the_token_before_and_during_the_run() -> None:
+    """other_burst fills the minute just before the token's first request, other_per_minute
+    keeps spending it: the first request gets a burst 429, later ones share what is left."""
+    spender: dict[str, Any] = {"other_burst": 10, "other_per_minute": 2}
+    async with simulator(per_minute=10, per_hour=1000, **spender) as client:
+        sim, http = client
+        t0 = anyio.current_time()
+        async with http.get("/v2/images") as response:
+            assert response.status == 429
+            assert response.headers["retry-after"] == "60"
+            assert response.headers["ratelimit-remaining"] == "0"
+        await at(t0, 61)
+        statuses = []
+        remaining = []
+        for _ in range(10):
+            async with http.get("/v2/images") as response:
+                statuses.append(response.status)
+                remaining.append(response.headers["ratelimit-remaining"])
+                retry_after = response.headers.get("retry-after")
+        # Its request at 30 s found the minute full (429); the one at 60 s holds 1 of 10.
+        assert statuses == [200] * 9 + [429]
+        assert retry_after == "59"
+        # The hour holds its burst, its request at 60 s, and ours.
+        assert remaining[0] == str(1000 - 10 - 1 - 1)
+        assert sim.world.state()["other_client"] == {"sent": 12, "rate_limited": 1}
+        assert sum(sim.world.request_counts.values()) == 11  # theirs are not served here
+
+
+async def test_the_other_client_is_refused_too_when_the_window_is_full() -> None:
+    """The other client's requests get 429 like anyone's when the minute has no room."""
+    async with simulator(per_minute=3, other_burst=5) as client:
+        async with client[1].get("/v2/images") as response:
+            assert response.status == 429
+        assert client[0].world.state()["other_client"] == {"sent": 5, "rate_limited": 2}
+
+
+@pytest.mark.parametrize("list_in_progress", [True, False])
+async def test_list_lag_hides_new_images_for_a_while(list_in_progress: bool) -> None:
+    """list_lag: a new image is listed only list_lag seconds after its creation, on top of
+    list_in_progress (an available image too, when its import is quicker than the lag)."""
+    timings = {**EXACT, "new_seconds": 1.0, "pending_seconds": 1.0}
+    async with simulator(**timings, list_lag=5.0, list_in_progress=list_in_progress) as client:
+        t0 = anyio.current_time()
+        image = await create(client)
+        await at(t0, 1.5)
+        assert (await get(client, image["id"]))["status"] == "pending"
+        early = await listed_ids(client)
+        await at(t0, 4.9)
+        assert (await get(client, image["id"]))["status"] == "available"
+        still_hidden = await listed_ids(client)
+        await at(t0, 5.0)
+        shown = await listed_ids(client)
+    assert early == still_hidden == []
+    assert shown == [image["id"]]
+
+
+@pytest.mark.parametrize("list_failed", [False, True])
+async def test_failed_images_are_purged_after_a_while(list_failed: bool) -> None:
+    """purge_failed_after: a failed image reads `deleted` with its message for that long, then
+    answers 404 and is unlisted; list_failed lists it (deleted, with the message) until then."""
+    async with simulator(
+        **EXACT, purge_failed_after=10.0, list_failed=list_failed, list_in_progress=True
+    ) as client:
+        sim, http = client
+        t0 = anyio.current_time()
+        image = await create(client, "x-fail-fast.qcow2")  # fails at 0.5 s
+        await at(t0, 10.4)
+        failed = await get(client, image["id"])
+        async with http.get("/v2/images?private=true") as response:
+            listed = (await response.json())["images"]
+        await at(t0, 10.5)
+        async with http.get(f"/v2/images/{image['id']}") as response:
+            gone = response.status, (await response.json())["id"]
+        async with http.delete(f"/v2/images/{image['id']}") as response:
+            assert response.status == 404
+        assert await listed_ids(client) == []
+        truth = sim.world.state()["images"][0]
+    assert failed["status"] == "deleted"
+    assert failed["error_message"] == DECOMPRESS_ERROR
+    if list_failed:
+        assert [(i["id"], i["status"], i["error_message"]) for i in listed] == [
+            (image["id"], "deleted", DECOMPRESS_ERROR)
+        ]
+    else:
+        assert listed == []
+    assert gone == (404, "not_found")
+    assert (truth["status"], truth["error_message"]) == ("deleted", DECOMPRESS_ERROR)
+
+
+async def test_failed_images_stay_readable_by_default() -> None:
+    """Without purge_failed_after, a failed image still reads `deleted` ten hours later."""
+    async with simulator(**EXACT) as client:
+        image = await create(client, "x-fail-fast.qcow2")
+        await anyio.sleep(36_000)
+        assert (await get(client, image["id"]))["error_message"] == DECOMPRESS_ERROR
+
+
+async def test_pagination_links_can_point_to_another_host() -> None:
+    """links_base_url: links are absolute URLs on that host (as DigitalOcean's name
+    api.digitalocean.com), with the request's path and query and the page."""
+    base = "https://api.digitalocean.com"
+    async with simulator(**EXACT, links_base_url=base) as client:
+        http = client[1]
+        for i in range(5):
+            await create(client, f"img{i}.qcow2", name=f"img{i}")
+        await anyio.sleep(31)
+        async with http.get("/v2/images?private=true&per_page=2&page=2") as response:
+            pages = (await response.json())["links"]["pages"]
+        # Followed against the simulator's address, a link gives the page it names.
+        async with http.get(pages["next"].removeprefix(base)) as response:
+            last = await response.json()
+    assert set(pages) == {"first", "prev", "next", "last"}
+    assert all(link.startswith(f"{base}/v2/images?") for link in pages.values())
+    assert "page=3" in pages["next"]
+    assert "per_page=2" in pages["next"]
+    assert "private=true" in pages["next"]
+    assert len(last["images"]) == 1
+    assert "next" not in last["links"]["pages"]
+    assert last["links"]["pages"]["first"].startswith(base)
+
+
+async def test_answers_turn_slow_after_a_while_even_deletes() -> None:
+    """delay_after/delay_seconds: requests arriving 100 s after the first are answered 20 s late;
+    the work is done on arrival (a DELETE has deleted before its answer comes)."""
+    async with simulator(**EXACT, delay_after=100.0, delay_seconds=20.0) as client:
+        sim, http = client
+        t0 = anyio.current_time()
+        image = await create(client)
+        assert anyio.current_time() == pytest.approx(t0)
+        await at(t0, 100)
+        await get(client, image["id"])
+        assert anyio.current_time() - t0 == pytest.approx(120)
+        deleted_on_arrival = []
+
+        async def delete() -> None:
+            async with http.delete(f"/v2/images/{image['id']}") as response:
+                assert response.status == 204
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(delete)
+            await anyio.sleep(1)
+            deleted_on_arrival.append(sim.world.images[image["id"]].deleted_by_user)
+        assert anyio.current_time() - t0 == pytest.approx(140)
+    assert deleted_on_arrival == [True]
+
+
+@pytest.mark.parametrize("refuse", [True, False])
+async def test_delete_of_an_importing_image_is_refused_when_switched_on(refuse: bool) -> None:
+    """refuse_delete_importing: DELETE of a NEW or pending image is 422 unprocessable_entity
+    and deletes nothing; once available it works. Off (the default), it deletes at once."""
+    async with simulator(**EXACT, refuse_delete_importing=refuse) as client:
+        http = client[1]
+        t0 = anyio.current_time()
+        image = await create(client)
+        statuses = []
+        for moment in (1, 15, 31):  # NEW, pending, available
+            await at(t0, moment)
+            async with http.delete(f"/v2/images/{image['id']}") as response:
+                statuses.append(response.status)
+                if response.status == 422:
+                    body = await response.json()
+                    assert body["id"] == "unprocessable_entity"
+                    assert "still being imported" in body["message"]
+    assert statuses == ([422, 422, 204] if refuse else [204, 404, 404])
+
+
+async def test_every_answer_is_recorded_with_its_arrival_and_retry_after() -> None:
+    """World.answers: arrival time, route, status and retry-after of each /v2 request."""
+    async with simulator(per_minute=1) as client:
+        sim, http = client
+        t0 = anyio.current_time()
+        for moment in (0, 5):
+            await at(t0, moment)
+            async with http.get("/v2/images"):
+                pass
+        answers = [(a.route, a.status, a.retry_after) for a in sim.world.answers]
+        arrivals = [a.at - t0 for a in sim.world.answers]
+    assert answers == [("GET /v2/images", 200, None), ("GET /v2/images", 429, 55.0)]
+    assert arrivals == pytest.approx([0, 5])
 
 
 # -- faults -----------------------------------------------------------------------
@@ -807,3 +1024,46 @@ def test_config_rejects_impossible_values() -> None:
     for bad in ({"error_rate": 1.5}, {"new_seconds": -1.0}, {"token": ""}, {"per_hour": 0}):
         with pytest.raises(ValueError, match="SimulatorConfig"):
             SimulatorConfig(**bad)
+
+
+class _Served(Exception):
+    """Raised by a stand-in simulator instead of serving forever."""
+
+
+def test_simulate_command_passes_each_switch_to_the_simulator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each switch of `importer simulate` sets its SimulatorConfig field; unset ones keep
+    the defaults."""
+    configs: list[SimulatorConfig] = []
+
+    @asynccontextmanager
+    async def stand_in(config: SimulatorConfig, **_: Any) -> AsyncIterator[Simulator]:
+        configs.append(config)
+        raise _Served
+        yield  # pragma: no cover - an async generator that never yields
+
+    monkeypatch.setattr(cli, "run_simulator", stand_in)
+    flags = [
+        "--count-rate-limited", "--other-burst", "250", "--other-per-minute", "30",
+        "--list-lag", "3", "--list-failed", "--purge-failed-after", "120",
+        "--links-base-url", "https://api.digitalocean.com", "--delay-after", "600",
+        "--delay-seconds", "45", "--refuse-delete-importing",
+    ]  # fmt: skip
+    switched = CliRunner().invoke(cli.main, ["simulate", *flags])
+    default = CliRunner().invoke(cli.main, ["simulate"])
+    assert isinstance(switched.exception, _Served), switched.output
+    assert isinstance(default.exception, _Served), default.output
+    assert configs[0] == SimulatorConfig.demo(
+        count_rate_limited=True,
+        other_burst=250,
+        other_per_minute=30.0,
+        list_lag=3.0,
+        list_failed=True,
+        purge_failed_after=120.0,
+        links_base_url="https://api.digitalocean.com",
+        delay_after=600.0,
+        delay_seconds=45.0,
+        refuse_delete_importing=True,
+    )
+    assert configs[1] == SimulatorConfig.demo()

@@ -32,6 +32,7 @@ from importer.simulator.persist import load_world, save_world
 from importer.simulator.world import (
     FILE_DEFECTS,
     NOT_FOUND_MESSAGE,
+    Answer,
     ApiProblem,
     FaultPlan,
     FileVersion,
@@ -151,18 +152,34 @@ async def _api_middleware(request: web.Request, handler: Handler) -> web.StreamR
             return await handler(request)
         finally:
             world.cpu_seconds += time.process_time() - started
+    arrived = world.arrive()
     request_id = world.next_request_id()
     route = _route_key(request)
     world.count_request(route)
     body = await request.read()
     # CPU time is charged to the simulator only where nothing awaits, so that no other
     # task's work lands in it: the handlers' own reads return this cached body, and the
-    # one sleep (a `slow` fault) is left out.
+    # sleeps (a `slow` fault, a late answer) are left out.
     started = time.process_time()
     try:
-        return await _serve_api(request, handler, world, request_id, route, body)
+        response = await _serve_api(request, handler, world, request_id, route, body)
     finally:
         world.cpu_seconds += time.process_time() - started
+    dropped = request.transport is None or request.transport.is_closing()
+    retry_after = response.headers.get("retry-after")
+    world.record_answer(
+        Answer(
+            at=arrived,
+            route=route,
+            status=0 if dropped else response.status,
+            retry_after=float(retry_after) if retry_after is not None else None,
+        )
+    )
+    delay = world.answer_delay(arrived)
+    if delay > 0 and not dropped:
+        # Done already (a DELETE has deleted); only the answer is late.
+        await world.clock.sleep(delay)
+    return response
 
 
 async def _serve_api(
@@ -305,8 +322,11 @@ async def _list_images(request: web.Request) -> web.Response:
     world = request.app[WORLD]
     result = world.list_images(request.query)
 
+    base = world.config.links_base_url
+
     def link(page: int) -> str:
-        return str(request.url.update_query(page=page, per_page=result.per_page))
+        url = request.url.update_query(page=page, per_page=result.per_page)
+        return str(url) if base is None else base.rstrip("/") + url.path_qs
 
     pages: dict[str, str] = {}
     if result.page > 1:

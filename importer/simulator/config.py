@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 
 @dataclass(frozen=True)
@@ -21,8 +22,20 @@ class SimulatorConfig:
         token: the only bearer token accepted; ``None`` accepts any non-empty token
             (each token then has its own rate-limit budget).
         list_in_progress: whether ``NEW``/``pending`` images appear in
-            ``GET /v2/images``. The real behaviour is unknown (do-api-facts.md), so
-            tests must be able to switch it either way.
+            ``GET /v2/images``. The real behaviour is unknown, so tests must be
+            able to switch it either way.
+        list_lag: seconds after its creation before an image appears in
+            ``GET /v2/images`` at all (listings may lag behind creates).
+        list_failed: whether failed imports (``deleted`` with an
+            ``error_message``) appear in listings until they are purged. A failed
+            image was seen to drop out of the list, so off by default.
+        purge_failed_after: seconds after an import failed before its image is
+            purged: ``GET /v2/images/{id}`` answers 404 and listings drop it, so its
+            ``error_message`` can no longer be read. ``None``: never purged.
+        links_base_url: where ``links.pages`` point. ``None``: absolute URLs on the
+            host the request came to; else absolute URLs on this base (DigitalOcean
+            writes ``https://api.digitalocean.com/v2/images?page=2...`` whatever
+            address the client used).
         fail_query_urls: fail imports whose URL has a query string (presigned URLs
             "have failed" for real, but not always, so it is off by default).
 
@@ -48,6 +61,13 @@ class SimulatorConfig:
         per_minute: requests allowed within any ``minute_window``.
         per_hour: requests allowed within any ``hour_window``.
         minute_window, hour_window: how long a request counts, in seconds.
+        count_rate_limited: whether a request answered 429 counts against both
+            budgets, as an accepted one does. Not documented; off by default.
+        other_burst: another client of the same token sends this many requests
+            just before the token's first request reaches the simulator...
+        other_per_minute: ...and then this many per ``minute_window``, evenly
+            spaced. They count against the token's budgets, are refused (429)
+            when there is no room, and are not among the requests served.
 
     Faults (fractions of ``/v2`` requests; all off by default):
         revoke_after: after this many authenticated requests the token is revoked
@@ -61,11 +81,23 @@ class SimulatorConfig:
         slow_rate, slow_seconds: answer delayed by ``slow_seconds``.
         garbage_rate: a 2xx answer whose body is not JSON, truncated JSON or JSON
             missing required fields (the operation itself is performed).
+        delay_after, delay_seconds: every answer to a request arriving
+            ``delay_after`` seconds or more after the first ``/v2`` request is
+            sent ``delay_seconds`` late; the request is carried out at once (a
+            DELETE deletes), only its answer waits. ``None``: never.
+        refuse_delete_importing: ``DELETE`` of an image still importing (``NEW``
+            or ``pending``) answers 422 ``unprocessable_entity`` and deletes
+            nothing. What DigitalOcean does is not documented; 422 with a message
+            is how it refuses other operations on busy resources.
     """
 
     seed: int = 0
     token: str | None = None
     list_in_progress: bool = False
+    list_lag: float = 0.0
+    list_failed: bool = False
+    purge_failed_after: float | None = None
+    links_base_url: str | None = None
     fail_query_urls: bool = False
     state_file: Path | None = None
 
@@ -84,6 +116,9 @@ class SimulatorConfig:
     per_hour: int = 5000
     minute_window: float = 60.0
     hour_window: float = 3600.0
+    count_rate_limited: bool = False
+    other_burst: int = 0
+    other_per_minute: float = 0.0
 
     revoke_after: int | None = None
     error_rate: float = 0.0
@@ -93,6 +128,9 @@ class SimulatorConfig:
     slow_rate: float = 0.0
     slow_seconds: float = 2.0
     garbage_rate: float = 0.0
+    delay_after: float | None = None
+    delay_seconds: float = 30.0
+    refuse_delete_importing: bool = False
 
     def __post_init__(self) -> None:
         fractions = (
@@ -105,12 +143,21 @@ class SimulatorConfig:
                 raise ValueError(f"SimulatorConfig.{name} must be within [0, 1], got {value!r}")
         durations = (
             "new_seconds", "pending_seconds", "seconds_per_gib", "fail_fast_seconds",
-            "transfer_seconds", "transfer_seconds_per_gib", "slow_seconds",
+            "transfer_seconds", "transfer_seconds_per_gib", "slow_seconds", "list_lag",
+            "other_per_minute", "delay_seconds", "purge_failed_after", "delay_after",
         )  # fmt: skip
         for name in durations:
             value = getattr(self, name)
+            if value is None and name in ("purge_failed_after", "delay_after"):
+                continue
             if not (value >= 0.0 and math.isfinite(value)):
                 raise ValueError(f"SimulatorConfig.{name} must be a finite number >= 0")
+        if self.other_burst < 0:
+            raise ValueError("SimulatorConfig.other_burst must be >= 0")
+        if self.links_base_url is not None:
+            parts = urlsplit(self.links_base_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("SimulatorConfig.links_base_url must be an absolute http(s) URL")
         for name in ("per_minute", "per_hour", "slow_factor", "minute_window", "hour_window"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"SimulatorConfig.{name} must be > 0")

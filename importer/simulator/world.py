@@ -56,6 +56,12 @@ SNAPSHOT_FORMAT: Final = 1
 UNAUTHORIZED_MESSAGE: Final = "Unable to authenticate you."
 NOT_FOUND_MESSAGE: Final = "The resource you were accessing could not be found."
 RATE_LIMITED_MESSAGE: Final = "API rate limit exceeded."
+# Illustrative, like DigitalOcean's 422 "Droplet already has a pending event.":
+# what the API answers to deleting an image still importing is not documented.
+DELETE_IMPORTING_MESSAGE: Final = (
+    "The image is still being imported and cannot be deleted yet. "
+    "Please try again once its import has finished."
+)
 
 # The exact text DigitalOcean gives for a failed download is not documented
 # anywhere we know of; this message is illustrative. Clients must show whatever
@@ -207,6 +213,14 @@ class SimImage:
         return "deleted" if self.deleted_by_user else self.import_status
 
     @property
+    def failed_mono(self) -> float | None:
+        """Monotonic time when the import failed, or ``None`` if it has not (yet)."""
+        fail_after = self.plan.fail_after
+        if fail_after is None or self.import_status != "deleted":
+            return None
+        return self.created_mono + fail_after
+
+    @property
     def error_message(self) -> str:
         failed = self.import_status == "deleted"
         return self.plan.failure_message if failed else ""
@@ -282,6 +296,21 @@ class _Budget:
     hour: deque[float] = field(default_factory=deque)
     authenticated: int = 0
     revoked: bool = False
+    #: When the other client of this token sends its next request.
+    other_next: float = math.inf
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One ``/v2`` request as the simulator saw it, for tests to measure pacing."""
+
+    #: Monotonic arrival time.
+    at: float
+    route: str
+    #: The status answered; 0 when the connection was dropped without an answer.
+    status: int
+    #: The ``retry-after`` sent, in seconds.
+    retry_after: float | None = None
 
 
 @dataclass(frozen=True)
@@ -330,7 +359,10 @@ class World:
     failed and user-deleted ones), ``actions`` (id -> :class:`SimAction`),
     ``request_counts`` (``"METHOD /route"`` -> requests received),
     ``rate_limited_count`` (429s sent), ``fault_counts`` (fault kind -> times
-    applied). :meth:`state` gives the same as JSON. ``cpu_seconds`` is the process
+    applied), ``answers`` (every ``/v2`` request's arrival, status and
+    retry-after, in arrival order), ``other_sent`` and ``other_rate_limited``
+    (the other client's requests). :meth:`state` gives the same as JSON, less
+    ``answers``. ``cpu_seconds`` is the process
     CPU time spent handling ``/v2`` and file-host requests, so that a benchmark
     running a client in the same process can subtract the simulator's share.
     """
@@ -348,6 +380,10 @@ class World:
         self.files: dict[str, SimFile] = {}
         #: Checksums files served by the file host: name -> the files they list.
         self.checksum_lists: dict[str, tuple[str, ...]] = {}
+        self.answers: list[Answer] = []
+        self.other_sent = 0
+        self.other_rate_limited = 0
+        self._first_arrival: float | None = None
         self._budgets: dict[str, _Budget] = {}
         self._fault_occurrences: Counter[str] = Counter()
         self._next_image_id = FIRST_IMAGE_ID
@@ -359,6 +395,24 @@ class World:
     def count_request(self, route: str) -> None:
         self.request_counts[route] += 1
 
+    def arrive(self) -> float:
+        """The arrival time of a ``/v2`` request; the first one starts ``delay_after``."""
+        now = self.clock.monotonic()
+        if self._first_arrival is None:
+            self._first_arrival = now
+        return now
+
+    def answer_delay(self, arrived: float) -> float:
+        """How late to send the answer to a request that arrived at ``arrived``."""
+        after = self.config.delay_after
+        start = self._first_arrival
+        if after is None or start is None or arrived - start < after:
+            return 0.0
+        return self.config.delay_seconds
+
+    def record_answer(self, answer: Answer) -> None:
+        self.answers.append(answer)
+
     def next_request_id(self) -> str:
         self._request_seq += 1
         rng = _seeded(self.config.seed, "request", self._request_seq)
@@ -368,36 +422,82 @@ class World:
         """Authenticate, then apply both rate limits; counts the request if admitted.
 
         Choices where the facts are silent: 401s are not counted against any budget
-        (the token is not trusted), 429s are not counted either, and every request
-        that passed authentication counts towards ``revoke_after``.
+        (the token is not trusted), 429s are counted only with
+        ``count_rate_limited``, and every request that passed authentication
+        counts towards ``revoke_after``.
+
+        A 429 says ``ratelimit-remaining: 0`` whichever limit was hit, as
+        DigitalOcean's does: a burst 429 reads 0 even with most of the hour left,
+        and carries ``retry-after`` (seconds until the minute has room); an
+        hourly one carries no ``retry-after``, only ``ratelimit-reset``.
         """
         cfg = self.config
         now = self.clock.monotonic()
         token = _bearer_token(authorization)
         if token is None or (cfg.token is not None and token != cfg.token):
             return self._unauthorized(self._budgets.get(token or "", _Budget()), now)
-        budget = self._budgets.setdefault(token, _Budget())
+        budget = self._budgets.get(token)
+        if budget is None:
+            budget = self._budgets[token] = self._new_budget(now)
+        self._book_other_client(budget, now)
         if not budget.revoked and cfg.revoke_after is not None:
             budget.revoked = budget.authenticated >= cfg.revoke_after
         if budget.revoked:
             return self._unauthorized(budget, now)
         budget.authenticated += 1
+        refused = self._take(budget, now)
+        if refused is None:
+            return Admission(token, None, self._rate_headers(budget, now))
+        self.rate_limited_count += 1
+        headers = self._rate_headers(budget, now)
+        headers["ratelimit-remaining"] = "0"
+        # Only the burst limit promises a slot soon; an exhausted hourly budget
+        # sends no retry-after, just ratelimit-reset.
+        if refused == "minute":
+            # With counted 429s the window may hold more than its limit: room comes
+            # once all but per_minute - 1 of its requests have expired.
+            oldest = budget.minute[len(budget.minute) - cfg.per_minute]
+            wait = oldest + cfg.minute_window - now
+            headers["retry-after"] = str(max(1, math.ceil(wait)))
+        problem = ApiProblem(429, "too_many_requests", RATE_LIMITED_MESSAGE)
+        return Admission(token, problem, headers)
+
+    def _take(self, budget: _Budget, now: float) -> str | None:
+        """Log one request at ``now``; the limit that refuses it (``"hour"``, ``"minute"``).
+
+        A refused request is logged too with ``count_rate_limited``.
+        """
+        cfg = self.config
         self._prune(budget, now)
-        hour_full = len(budget.hour) >= cfg.per_hour
-        minute_full = len(budget.minute) >= cfg.per_minute
-        if hour_full or minute_full:
-            self.rate_limited_count += 1
-            headers = self._rate_headers(budget, now)
-            # Only the burst limit promises a slot soon; an exhausted hourly budget
-            # sends no retry-after (do-api-facts.md), just ratelimit-reset.
-            if minute_full and not hour_full:
-                wait = budget.minute[0] + cfg.minute_window - now
-                headers["retry-after"] = str(max(1, math.ceil(wait)))
-            problem = ApiProblem(429, "too_many_requests", RATE_LIMITED_MESSAGE)
-            return Admission(token, problem, headers)
-        budget.minute.append(now)
-        budget.hour.append(now)
-        return Admission(token, None, self._rate_headers(budget, now))
+        refused: str | None = None
+        if len(budget.hour) >= cfg.per_hour:
+            refused = "hour"
+        elif len(budget.minute) >= cfg.per_minute:
+            refused = "minute"
+        if refused is None or cfg.count_rate_limited:
+            budget.minute.append(now)
+            budget.hour.append(now)
+        return refused
+
+    def _new_budget(self, now: float) -> _Budget:
+        """A token's budget from its first request; its other client starts now."""
+        budget = _Budget()
+        for _ in range(self.config.other_burst):
+            self._other_request(budget, now)
+        if self.config.other_per_minute > 0:
+            budget.other_next = now + self.config.minute_window / self.config.other_per_minute
+        return budget
+
+    def _book_other_client(self, budget: _Budget, now: float) -> None:
+        """The other client's requests up to ``now``, in order, on the simulator's clock."""
+        while budget.other_next <= now:
+            self._other_request(budget, budget.other_next)
+            budget.other_next += self.config.minute_window / self.config.other_per_minute
+
+    def _other_request(self, budget: _Budget, at: float) -> None:
+        self.other_sent += 1
+        if self._take(budget, at) is not None:
+            self.other_rate_limited += 1
 
     def _unauthorized(self, budget: _Budget, now: float) -> Admission:
         problem = ApiProblem(401, "unauthorized", UNAUTHORIZED_MESSAGE)
@@ -665,14 +765,24 @@ class World:
         return "".join(f"{self.file_version(name).sha256}  {name}\n" for name in names)
 
     def get_image(self, image_id: int) -> SimImage:
-        """An image readable by id: failed ones too, but not those the user deleted."""
+        """An image readable by id: failed ones too (until purged), not those the user deleted."""
         image = self.images.get(image_id)
-        if image is None or image.deleted_by_user:
+        if image is None or image.deleted_by_user or self.purged(image):
             raise ApiProblem(404, "not_found", NOT_FOUND_MESSAGE)
         return image
 
+    def purged(self, image: SimImage) -> bool:
+        """Whether a failed import is gone for good (``purge_failed_after``)."""
+        purge_after = self.config.purge_failed_after
+        failed = image.failed_mono
+        if purge_after is None or failed is None:
+            return False
+        return self.clock.monotonic() - failed >= purge_after
+
     def delete_image(self, image_id: int) -> None:
         image = self.get_image(image_id)
+        if self.config.refuse_delete_importing and image.import_status in ("NEW", "pending"):
+            raise ApiProblem(422, "unprocessable_entity", DELETE_IMPORTING_MESSAGE)
         image.deleted_by_user = True
         image.deleted_mono = self.clock.monotonic()
 
@@ -709,6 +819,18 @@ class World:
             image.distribution = distribution if distribution in DISTRIBUTIONS else "Unknown"
         return image
 
+    def listed(self, image: SimImage, now: float) -> bool:
+        """Whether ``GET /v2/images`` shows ``image`` at ``now`` (filters aside)."""
+        cfg = self.config
+        if image.deleted_by_user or now - image.created_mono < cfg.list_lag:
+            return False
+        status = image.status
+        if status == "available":
+            return True
+        if status == "deleted":
+            return cfg.list_failed and not self.purged(image)
+        return cfg.list_in_progress
+
     def list_images(self, query: Mapping[str, str]) -> ImagePage:
         """``GET /v2/images``: visible images by ascending id, one page of them.
 
@@ -721,13 +843,12 @@ class World:
         per_page = _int_param(query, "per_page", PER_PAGE_DEFAULT, PER_PAGE_MAX)
         page = _int_param(query, "page", 1, None)
         tag = query.get("tag_name")
-        show_in_progress = self.config.list_in_progress
+        now = self.clock.monotonic()
         matching = [
             image
             for _, image in sorted(self.images.items())
             if "type" not in query
-            and not image.deleted_by_user
-            and (image.status == "available" or (show_in_progress and image.status != "deleted"))
+            and self.listed(image, now)
             and (tag is None or tag in image.tags)
         ]
         start = (page - 1) * per_page
@@ -843,6 +964,7 @@ class World:
             ],
             "requests": dict(self.request_counts),
             "rate_limited": self.rate_limited_count,
+            "other_client": {"sent": self.other_sent, "rate_limited": self.other_rate_limited},
             "faults": dict(self.fault_counts),
             "now": self.clock.wall(),
         }
