@@ -271,14 +271,22 @@ async def kill_while_importing(sim: Simulator, document: Manifest, version_of: s
         await night(sim, document)  # its in-memory journal dies with it
 
 
+#: The other side of two unknowns: listings that show a new image only after a lag, and
+#: DELETE refused while an image imports.
+ADVERSE = {"list_lag": 3.0, "refuse_delete_importing": True}
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("list_in_progress", [True, False])
 @pytest.mark.parametrize("keep", [1, 2])
+@pytest.mark.parametrize("adverse", [False, True])
 async def test_killed_while_replacing_with_the_state_lost(
-    list_in_progress: bool, keep: int
+    list_in_progress: bool, keep: int, adverse: bool
 ) -> None:
     """(f) kill -9 while a replacement imports, state lost, rerun: no duplicate, one name each."""
-    config = SimulatorConfig.demo(list_in_progress=list_in_progress, pending_seconds=20.0)
+    config = SimulatorConfig.demo(
+        list_in_progress=list_in_progress, pending_seconds=20.0, **(ADVERSE if adverse else {})
+    )
     async with run_simulator(config) as sim:
         first = await night(sim, manifest(sim, keep=keep))
         sim.world.change_file("web.qcow2")
@@ -305,7 +313,8 @@ async def test_killed_while_replacing_with_the_state_lost(
     # The image the killed run started is the one kept (listed: watched; hidden: it is
     # the older copy, and this run's own is deleted as the duplicate).
     assert current[0].id == killed[0].id
-    assert rerun.images[0].action == ("watch" if list_in_progress else "replace")
+    if not adverse:  # with a listing lag, the killed run's image is not listed yet
+        assert rerun.images[0].action == ("watch" if list_in_progress else "replace")
     old = sim.world.images[first.images[0].image_id or 0]
     assert old.deleted_by_user is (keep == 1)
 
@@ -314,11 +323,12 @@ async def test_killed_while_replacing_with_the_state_lost(
 @pytest.mark.parametrize("list_in_progress", [True, False])
 @pytest.mark.parametrize("change", [False, True])
 @pytest.mark.parametrize("stagger", [0.0, 1.5])
+@pytest.mark.parametrize("adverse", [False, True])
 async def test_two_runs_at_once_leave_no_duplicate(
-    list_in_progress: bool, change: bool, stagger: float
+    list_in_progress: bool, change: bool, stagger: float, adverse: bool
 ) -> None:
     """(g) Two runs of one set at the same time, each with its own state: one image per name."""
-    config = SimulatorConfig.demo(list_in_progress=list_in_progress)
+    config = SimulatorConfig.demo(list_in_progress=list_in_progress, **(ADVERSE if adverse else {}))
     async with run_simulator(config) as sim:
         if change:  # replacing: last night's import, and a file that changed since
             await night(sim, manifest(sim))
@@ -337,7 +347,8 @@ async def test_two_runs_at_once_leave_no_duplicate(
         survivors = {image.name: image.id for image in live(sim.world)}
     for report in reports:
         assert report.stopped is None
-        assert {r.name: r.image_id for r in report.images} == {n: survivors[n] for n in NAMES}
+        if not adverse:  # else the first may report a copy the second deleted later
+            assert {r.name: r.image_id for r in report.images} == {n: survivors[n] for n in NAMES}
 
 
 @pytest.mark.anyio
