@@ -8,6 +8,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from importer.api import Image
+from importer.converge import Action, Decision
 from importer.errors import ImporterError
 from importer.journal import MEMORY, Journal, Phase
 from importer.lifecycle import (
@@ -195,3 +196,82 @@ async def test_a_rate_limited_create_leaves_the_entry_not_submitted_with_the_rea
     assert entry.result.outcome is Outcome.NOT_SUBMITTED
     assert entry.result.error == "API rate limit exceeded."
     assert [e["event"] for e in logs] == ["image.not_submitted"]
+
+
+@pytest.mark.anyio
+async def test_an_unchanged_entry_ends_available_with_its_image_journaled() -> None:
+    """planned -> unchanged -> rotating -> finished: renames and deletions in the report row."""
+    available = Image(id=3, name="img-0@x", status="available", created_at="2026-11-01T02:00:00Z")
+    with Journal(MEMORY) as journal, capture_logs() as logs:
+        entry = lifecycle(journal)
+        entry.unchanged(available)
+        assert entry.state is State.UNCHANGED
+        entry.rotating(2)
+        entry.renamed(2, "img-0", "img-0@20261001T020000Z")
+        entry.renamed(3, "img-0@x", "img-0")
+        entry.deleted(1, "old_version")
+        entry.available(available)
+        row = journal.get(ITEM.tag)
+    assert row is not None
+    assert (row.phase, row.outcome, row.image_id) == (Phase.FINISHED, "available", 3)
+    assert row.version == ITEM.version_tag
+    assert [r.image_id for r in entry.result.renamed] == [2, 3]
+    assert entry.result.deleted == (1,)
+    assert entry.result.submitted_at is not None  # the image's creation time
+    assert [e["event"] for e in logs] == [
+        "image.unchanged",
+        "image.rotating",
+        "image.renamed",
+        "image.renamed",
+        "image.deleted",
+        "image.available",
+    ]
+
+
+@pytest.mark.anyio
+async def test_a_watched_image_that_is_lost_is_decided_again() -> None:
+    """planned -> importing (watching) -> planned (lost) -> creating: the new action reported."""
+    with Journal(MEMORY) as journal:
+        entry = lifecycle(journal)
+        entry.watching(9, "pending", submitted_at=None, group="g", source="journal")
+        row = journal.get(ITEM.tag)
+        assert row is not None
+        assert (row.phase, row.image_id, row.version) == (Phase.SUBMITTED, 9, ITEM.version_tag)
+        entry.lost("gone", Decision(Action.CREATE))
+        assert entry.state is State.PLANNED
+        assert entry.result.image_id is None
+        assert entry.result.action == "create"
+        entry.sending()
+        entry.submitted(image(image_id=10))
+    assert entry.result.image_id == 10
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("steps", "wanted"),
+    [
+        (["rotating"], "rotating"),  # nothing to rotate before an image is there
+        (["sending", "lost"], "planned"),  # only a watched image is lost
+        (["sending", "submitted", "unchanged"], "unchanged"),  # decided once, before sending
+        (["source_failed", "sending"], "creating"),  # a source that failed sends nothing
+    ],
+)
+async def test_convergence_transitions_are_refused_out_of_turn(
+    steps: list[str], wanted: str
+) -> None:
+    """The nightly states obey the table too."""
+    calls = {
+        "rotating": lambda e: e.rotating(1),
+        "sending": lambda e: e.sending(),
+        "submitted": lambda e: e.submitted(image()),
+        "lost": lambda e: e.lost("gone", Decision(Action.CREATE)),
+        "unchanged": lambda e: e.unchanged(image("available")),
+        "source_failed": lambda e: e.source_failed("no version"),
+    }
+    with Journal(MEMORY) as journal:
+        entry = lifecycle(journal)
+        for step in steps[:-1]:
+            calls[step](entry)
+        with pytest.raises(IllegalTransitionError) as raised:
+            calls[steps[-1]](entry)
+    assert raised.value.wanted == State(wanted)

@@ -7,6 +7,7 @@ their version (``ETag``) as a real run does. "Losing the state" is a fresh in-me
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,10 +15,13 @@ from typing import Any
 
 import anyio
 import pytest
+from click.testing import CliRunner
 
+from importer.cli import main
 from importer.clock import LoopClock
 from importer.identity import ENTRY_TAG_PREFIX, VERSION_TAG_PREFIX, set_tag
 from importer.journal import MEMORY, Journal
+from importer.logs import reset_logging
 from importer.manifest import Entry, Manifest
 from importer.pipeline import plan_only, run_import
 from importer.plan import RunPlan
@@ -372,3 +376,86 @@ async def test_an_unreadable_checksums_file_fails_its_entry_and_the_others_go_on
     assert (worker.outcome, worker.action) == (Outcome.FAILED, "error")
     assert "MISSING-SUMS" in (worker.error or "")
     assert [image.name for image in images] == ["web"]
+
+
+@pytest.mark.anyio
+async def test_a_plan_sends_nothing_but_reads() -> None:
+    """`plan`: every kind of action and an orphan, from GETs alone (no POST, PUT or DELETE)."""
+    async with run_simulator(SimulatorConfig.demo()) as sim:
+        first = await night(sim, manifest(sim, names=(*NAMES, "gone")))
+        old_web = first.images[0].image_id
+        sim.world.change_file("web.qcow2")
+        sim.world.delete_image(next(i.id for i in live(sim.world) if i.name == "api"))
+        before = Counter(sim.world.request_counts)
+        clock = LoopClock()
+        with Journal(MEMORY) as journal:
+            plan = await plan_only(
+                manifest(sim, keep=1),
+                settings_for(sim.base_url),
+                clock=clock,
+                journal=journal,
+                prober=SourceProber(clock),
+                prune=True,
+            )
+        sent = Counter(sim.world.request_counts) - before
+    assert set(sent) == {"GET /v2/images"}
+    assert [item.decision.action.value for item in sorted(plan.items, key=lambda i: i.index)] == [
+        "replace",
+        "create",
+        "unchanged",
+    ]
+    assert plan.summary_line() == (
+        "1 to create, 1 to replace, 0 to watch, 1 unchanged, 1 to rename, 2 to delete, 1 orphaned"
+    )
+    document = plan.to_json()
+    assert document["summary"]["orphaned"] == 1
+    web = document["entries"][0]
+    assert web["deletes"] == [{"image_id": old_web, "reason": "old_version"}]
+    assert web["renames"] == [{"image_id": None, "from": web["create_name"], "to": "web"}]
+    assert web["create_name"].startswith("web@")
+    assert document["orphans"][0]["delete"] is True
+
+
+def test_the_plan_command_and_a_resumed_simulated_demo(tmp_path: Path) -> None:
+    """`--simulate --state S` keeps the simulator's account beside S: a stopped demo resumes
+    (no image lost), and `importer plan` on it shows every entry unchanged, as text and JSON."""
+    example = str(Path(__file__).resolve().parents[1] / "manifests" / "example.yaml")
+    state, report = tmp_path / "s.sqlite", tmp_path / "r.json"
+    runner = CliRunner()
+    try:
+        common = ["--simulate", "--state", str(state)]
+        stopped = runner.invoke(
+            main,
+            [
+                "run",
+                example,
+                *common,
+                "--virtual-time",
+                "--deadline",
+                "2s",
+                "--report",
+                str(report),
+            ],
+        )
+        assert stopped.exit_code == 4, stopped.output
+        pending = json.loads(report.read_text())["images"]
+        assert (tmp_path / "s.sqlite.simulator.json").exists()
+        resumed = runner.invoke(
+            main, ["run", example, *common, "--virtual-time", "--report", str(report)]
+        )
+        assert resumed.exit_code == 0, resumed.output
+        done = json.loads(report.read_text())["images"]
+        planned = runner.invoke(
+            main, ["plan", example, *common, "--json", str(tmp_path / "p.json")]
+        )
+    finally:
+        reset_logging()
+    assert {image["outcome"] for image in done} == {"available"}
+    kept = [image["image_id"] for image in pending if image["image_id"] is not None]
+    assert kept
+    assert set(kept) <= {image["image_id"] for image in done}
+    assert planned.exit_code == 0, planned.output
+    assert "0 to create, 0 to replace, 0 to watch, 5 unchanged" in planned.stdout
+    assert {e["action"] for e in json.loads((tmp_path / "p.json").read_text())["entries"]} == {
+        "unchanged"
+    }
