@@ -494,7 +494,8 @@ def _on_signal(
     "state_path",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
-    help=f"The journal a run would use, read if it exists [default: {DEFAULT_STATE}].",
+    help=f"The journal a run would use, read if it exists [default: {DEFAULT_STATE}; "
+    "none with --simulate].",
 )
 @click.option(
     "--simulate",
@@ -550,7 +551,8 @@ def plan_command(
     if simulate and (api_url is not None or token_file is not None):
         _die(UsageError("--simulate needs neither --api-url nor --token-file"), log_format)
     loaded = _load(manifest, log_format)
-    state = state_path or DEFAULT_STATE
+    # A simulated account is kept only beside a state named on the command line.
+    state = state_path or (None if simulate else DEFAULT_STATE)
     try:
         token = Token("simulated") if simulate else Token.from_env_or_file(token_file)
         settings = Settings(
@@ -569,7 +571,7 @@ def plan_command(
     configure_logging(log_format, secrets=[token.value])
     try:
         # A plan reads the journal if there is one; it never makes one.
-        with Journal(state if state.exists() else MEMORY) as journal:
+        with Journal(state if state is not None and state.exists() else MEMORY) as journal:
             made = anyio.run(_plan, loaded, settings, journal, simulate)
     except ImporterError as error:
         _die(error, log_format)

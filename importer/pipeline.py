@@ -467,7 +467,10 @@ class Importer:
 
     def _saw(self, entry: EntryLifecycle, image: Image) -> None:
         self._learn(entry.tag, image)
-        entry.saw(image)
+        # A read by id still in flight when a listing ended the watch answers late: the
+        # entry has moved on, and the news is only worth the account's view above.
+        if entry.state is State.IMPORTING:
+            entry.saw(image)
 
     # -- submitting, without ever making a duplicate --------------------------------
 
@@ -526,17 +529,20 @@ class Importer:
     async def _rotate(self, entry: EntryLifecycle, image: Image) -> None:
         """Put the entry's names and versions right, from what the account showed."""
         item = entry.item
+        vtag = item.version_tag
+        assert vtag is not None  # an entry without a version imports nothing
+        if vtag not in (image.tags or ()):
+            # The image this entry watched is of this version, whatever its answer showed.
+            image = image.model_copy(update={"tags": (*(image.tags or ()), vtag)})
         self._learn(entry.tag, image)
         known = self._known[entry.tag]
-        assert item.version_tag is not None
         rotation = rotate(
             name=item.entry.name,
             keep=item.entry.keep,
-            version_tag=item.version_tag,
+            version_tag=vtag,
             images=list(known.values()),
         )
-        if rotation is None:  # the image just seen available is of this version
-            raise AssertionError("rotation without an available image of the version")
+        assert rotation is not None  # ``image`` is an available image of this version
         keeper = known[rotation.keeper]
         if keeper.id != entry.result.image_id:
             entry.kept(keeper)
