@@ -6,8 +6,12 @@ soon as anything is learned (image id, each status, the outcome). Each write is
 one SQLite transaction in WAL mode: a ``kill -9`` at any instant leaves either
 the state before the write or the state after it, never half of it.
 
-Rows are keyed by the entry tag (see :mod:`importer.plan`), so one state file
+Rows are keyed by the entry tag (see :mod:`importer.identity`), so one state file
 can serve several manifests, and a rerun of a manifest finds its entries again.
+Each row remembers the version its creates were for: a row of another version is
+history. The journal is never the truth about the account (the set's listing is,
+see :mod:`importer.converge`); it tells what a listing cannot: which creates may
+have left unanswered, and the ids of images a listing may hide.
 
 One process at a time: :class:`Journal` holds an exclusive ``flock`` on
 ``<state>.lock`` for as long as it is open; the kernel releases it when the
