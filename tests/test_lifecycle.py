@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import anyio
 import pytest
 import structlog
@@ -18,10 +21,13 @@ from importer.lifecycle import (
     State,
     Turn,
 )
+from importer.pipeline import run_import
 from importer.plan import make_plan
+from importer.poller import StatusPoller
 from importer.report import Outcome
+from importer.simulator import SimulatorConfig, run_simulator
 from tests.fakes import FakeClock
-from tests.helpers import image_urls, manifest_of
+from tests.helpers import image_urls, manifest_of, settings_for
 
 ITEM = make_plan(manifest_of(*image_urls(1)))[0]
 
@@ -275,3 +281,25 @@ async def test_convergence_transitions_are_refused_out_of_turn(
         with pytest.raises(IllegalTransitionError) as raised:
             calls[steps[-1]](entry)
     assert raised.value.wanted == State(wanted)
+
+
+@pytest.mark.anyio
+async def test_a_status_arriving_after_the_entry_finished_is_ignored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A read by id still in flight when the entry timed out answers late: no crash, no change."""
+    callbacks: list[Callable[[Image], None]] = []
+
+    async def never_finishes(self: StatusPoller, image_id: int, on_status: Any, **_: Any) -> Image:
+        callbacks.append(on_status)
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(StatusPoller, "wait", never_finishes)
+    stuck = manifest_of("https://images.example.com/x-stuck-pending.qcow2")
+    async with run_simulator(SimulatorConfig.demo()) as sim:
+        report = await run_import(stuck, settings_for(sim.base_url, image_timeout=60.0))
+    assert report.images[0].outcome is Outcome.TIMED_OUT
+    (late,) = callbacks
+    late(Image(id=report.images[0].image_id or 0, status="available"))
+    assert report.images[0].outcome is Outcome.TIMED_OUT
