@@ -1,6 +1,10 @@
-"""The run: submit every planned import under the governor, wait for each, report.
+"""The run: read the sources and the account, decide, import, rotate, report.
 
-One task per image inside one task group. Each task turns its own failures into
+Before anything is sent, each source is probed for its version and the set's
+images are listed (:func:`read_plan`); each entry is then decided from the
+account (:mod:`importer.converge`): unchanged entries are settled at once, the
+others get one task each inside one task group (imports wait for a submission
+turn; watching and rotating need none). Each task turns its own failures into
 an :class:`~importer.report.Outcome`; only bugs and cancellation escape it.
 
 Some failures end the whole run instead, because nothing more can succeed after
@@ -9,7 +13,8 @@ unreachable API. A stop asked for from outside (a signal, the deadline) ends it
 the same way. Then the other tasks are cancelled, creates already on the wire
 are allowed to finish (their answers are journaled), and the report is still
 written: images already submitted are ``pending`` (with their ids), the rest
-``not_submitted``. A later run with the same state resumes them.
+``not_submitted``. A later run resumes them (with the same state, or from the
+account alone).
 
 Never a duplicate: a create whose answer is lost is not sent again blindly. The
 entry becomes *uncertain*, and the importer looks for the image by the entry's
