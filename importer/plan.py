@@ -34,6 +34,8 @@ from importer.journal import Journal
 from importer.manifest import Entry, Manifest
 
 GROUP_SIZE = PER_PAGE_MAX
+#: The counts of a plan, in the order the summary line gives them.
+SUMMARY_KEYS = ("create", "replace", "watch", "unchanged", "error", "rename", "delete", "orphaned")
 #: Tags the importer adds to every image it creates: set, entry, version, group.
 OWN_TAGS = 4
 
@@ -201,7 +203,7 @@ class RunPlan:
         return {
             "set": self.set,
             "set_tag": self.set_tag,
-            "summary": {key: counts[key] for key in sorted(counts)},
+            "summary": {key: counts[key] for key in SUMMARY_KEYS},
             "entries": [_item_json(item) for item in sorted(self.items, key=lambda i: i.index)],
             "orphans": [
                 {
