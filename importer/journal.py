@@ -6,8 +6,12 @@ soon as anything is learned (image id, each status, the outcome). Each write is
 one SQLite transaction in WAL mode: a ``kill -9`` at any instant leaves either
 the state before the write or the state after it, never half of it.
 
-Rows are keyed by the entry tag (see :mod:`importer.plan`), so one state file
+Rows are keyed by the entry tag (see :mod:`importer.identity`), so one state file
 can serve several manifests, and a rerun of a manifest finds its entries again.
+Each row remembers the version its creates were for: a row of another version is
+history. The journal is never the truth about the account (the set's listing is,
+see :mod:`importer.converge`); it tells what a listing cannot: which creates may
+have left unanswered, and the ids of images a listing may hide.
 
 One process at a time: :class:`Journal` holds an exclusive ``flock`` on
 ``<state>.lock`` for as long as it is open; the kernel releases it when the
@@ -30,7 +34,7 @@ from types import TracebackType
 from importer.errors import StateFileError, StateLockedError
 
 MEMORY = ":memory:"
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     tag           TEXT PRIMARY KEY,
@@ -48,7 +52,8 @@ CREATE TABLE IF NOT EXISTS entries (
     first_sent_at REAL,
     submitted_at  REAL,
     finished_at   REAL,
-    updated_at    REAL
+    updated_at    REAL,
+    version       TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
@@ -67,6 +72,12 @@ CREATE TABLE IF NOT EXISTS run_images (
 """
 #: Runs whose record is kept (``importer status`` shows the last one).
 _RUNS_KEPT = 10
+#: Schema 1 (before versions): its rows are keyed by tags of the URL-based identity,
+#: which no entry has any more; they are kept, and never match.
+#: Whether a create is for the row's version (a row without one, written by a test or
+#: an older schema, is taken to be about it).
+_SAME_VERSION = " COALESCE(version, excluded.version) IS excluded.version "
+_MIGRATIONS = {1: "ALTER TABLE entries ADD COLUMN version TEXT"}
 
 
 class Phase(StrEnum):
@@ -103,6 +114,9 @@ class EntryState:
     first_sent_at: float | None
     submitted_at: float | None
     finished_at: float | None
+    #: The version tag of the source this row's creates were for
+    #: (:func:`importer.identity.version_tag`); a row of another version is history.
+    version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -177,9 +191,14 @@ class Journal:
                 "INSERT INTO meta(key, value) VALUES ('schema', ?)", (str(_SCHEMA_VERSION),)
             )
         elif row["value"] != str(_SCHEMA_VERSION):
-            raise sqlite3.DatabaseError(
-                f"schema version {row['value']}, expected {_SCHEMA_VERSION}"
-            )
+            found = int(row["value"]) if row["value"].isdigit() else -1
+            if found not in _MIGRATIONS:
+                raise sqlite3.DatabaseError(
+                    f"schema version {row['value']}, expected {_SCHEMA_VERSION}"
+                )
+            for version in range(found, _SCHEMA_VERSION):
+                self._db.execute(_MIGRATIONS[version])
+            self._db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(_SCHEMA_VERSION),))
 
     # -- reading --------------------------------------------------------------------
 
@@ -203,6 +222,7 @@ class Journal:
             first_sent_at=row["first_sent_at"],
             submitted_at=row["submitted_at"],
             finished_at=row["finished_at"],
+            version=row["version"],
         )
 
     def changed_since(self, since: float) -> tuple[EntryState, ...]:
@@ -234,18 +254,57 @@ class Journal:
     # -- writing --------------------------------------------------------------------
 
     def creating(
-        self, tag: str, name: str, region: str, now: float, group: str | None = None
+        self,
+        tag: str,
+        name: str,
+        region: str,
+        now: float,
+        group: str | None = None,
+        version: str | None = None,
     ) -> None:
-        """A create for ``tag`` is about to leave: from here on it may exist."""
+        """A create for ``tag`` is about to leave: from here on it may exist.
+
+        A row about another version is history: it starts afresh.
+        """
         self._db.execute(
-            "INSERT INTO entries(tag, name, region, group_tag, phase, creates_sent,"
-            " first_sent_at, updated_at) VALUES (?, ?, ?, ?, 'creating', 1, ?, ?)"
+            "INSERT INTO entries(tag, name, region, group_tag, phase, creates_sent,"  # noqa: S608 - constant SQL
+            " first_sent_at, updated_at, version) VALUES (?, ?, ?, ?, 'creating', 1, ?, ?, ?)"
             " ON CONFLICT(tag) DO UPDATE SET phase='creating', image_id=NULL, status=NULL,"
-            " outcome=NULL, error=NULL, creates_sent=creates_sent+1,"
+            " outcome=NULL, error=NULL, finished_at=NULL,"
             " group_tag=COALESCE(excluded.group_tag, group_tag),"
-            " first_sent_at=COALESCE(first_sent_at, excluded.first_sent_at),"
+            " creates_sent=CASE WHEN" + _SAME_VERSION + "THEN creates_sent+1 ELSE 1 END,"
+            " uncertain=CASE WHEN" + _SAME_VERSION + "THEN uncertain ELSE 0 END,"
+            " duplicates=CASE WHEN" + _SAME_VERSION + "THEN duplicates ELSE '[]' END,"
+            " submitted_at=CASE WHEN" + _SAME_VERSION + "THEN submitted_at ELSE NULL END,"
+            " first_sent_at=CASE WHEN" + _SAME_VERSION + "THEN"
+            " COALESCE(first_sent_at, excluded.first_sent_at) ELSE excluded.first_sent_at END,"
+            " version=excluded.version, updated_at=excluded.updated_at",
+            (tag, name, region, group, now, now, version),
+        )
+
+    def watching(
+        self,
+        tag: str,
+        name: str,
+        region: str,
+        image_id: int,
+        status: str,
+        *,
+        submitted_at: float,
+        now: float,
+        group: str | None,
+        version: str | None,
+    ) -> None:
+        """An image an earlier run created (found in the account) is watched as the entry's."""
+        self._db.execute(
+            "INSERT INTO entries(tag, name, region, group_tag, phase, image_id, status,"
+            " submitted_at, updated_at, version) VALUES (?, ?, ?, ?, 'submitted', ?, ?, ?, ?, ?)"
+            " ON CONFLICT(tag) DO UPDATE SET phase='submitted', image_id=excluded.image_id,"
+            " status=excluded.status, outcome=NULL, error=NULL, finished_at=NULL,"
+            " group_tag=COALESCE(excluded.group_tag, group_tag),"
+            " submitted_at=excluded.submitted_at, version=excluded.version,"
             " updated_at=excluded.updated_at",
-            (tag, name, region, group, now, now),
+            (tag, name, region, group, image_id, status, submitted_at, now, version),
         )
 
     def not_sent(self, tag: str) -> None:
@@ -292,14 +351,20 @@ class Journal:
         outcome: str,
         error: str | None,
         now: float,
+        *,
+        image_id: int | None = None,
+        version: str | None = None,
     ) -> None:
+        """The entry's outcome; ``image_id``/``version`` fill a row this run had not written."""
         self._db.execute(
-            "INSERT INTO entries(tag, name, region, phase, outcome, error, finished_at, updated_at)"
-            " VALUES (?, ?, ?, 'finished', ?, ?, ?, ?)"
+            "INSERT INTO entries(tag, name, region, phase, outcome, error, finished_at,"
+            " updated_at, image_id, version) VALUES (?, ?, ?, 'finished', ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT(tag) DO UPDATE SET phase='finished', outcome=excluded.outcome,"
             " error=excluded.error, finished_at=excluded.finished_at,"
+            " image_id=COALESCE(excluded.image_id, image_id),"
+            " version=COALESCE(excluded.version, version),"
             " updated_at=excluded.updated_at",
-            (tag, name, region, outcome, error, now, now),
+            (tag, name, region, outcome, error, now, now, image_id, version),
         )
 
     def run_started(self, header: str, images: Iterable[tuple[int, str]], now: float) -> int:

@@ -25,7 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from importer.clock import Clock
-from importer.progress import RunSnapshot
+from importer.progress import PLANNED, RunSnapshot
 
 #: Order of the labels in the counts line; others follow, largest first.
 _ORDER = (
@@ -33,11 +33,12 @@ _ORDER = (
     "failed",
     "timed_out",
     "rejected",
-    "importing",
+    "unchanged",
     "creating",
     "uncertain",
+    "importing",
     "rotating",
-    "queued",
+    "planned",
     "pending",
     "not_submitted",
 )
@@ -119,8 +120,8 @@ def _expected_end(snapshot: RunSnapshot) -> str:
             return "expected end not known yet (learning how long imports take)"
         return "none in flight"
     clock = datetime.fromtimestamp(snapshot.expected_end, tz=UTC).strftime("%H:%M:%S UTC")
-    queued = snapshot.count("queued")
-    later = f"; {queued:,} not submitted yet" if queued else ""
+    planned = snapshot.count(PLANNED)
+    later = f"; {planned:,} not started yet" if planned else ""
     if snapshot.expected_end <= snapshot.now:
         return f"expected by {clock}, running late: any moment now{later}"
     left = _duration(snapshot.expected_end - snapshot.now)

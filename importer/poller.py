@@ -161,6 +161,9 @@ class StatusPoller:
         self.model = DurationModel()
         #: Whether listings show images still importing: learned, never assumed.
         self.lists_in_progress = False
+        #: Told every image a group listing shows, watched or not (another run's
+        #: import of the same entry may share the group).
+        self.on_listed: Callable[[Sequence[Image]], None] | None = None
 
     # -- the image tasks' side ------------------------------------------------------
 
@@ -295,6 +298,8 @@ class StatusPoller:
             return
         listed.add(group)
         self.learn(images)
+        if self.on_listed is not None:
+            self.on_listed(images)
         now = self._clock.monotonic()
         for image in images:
             watch = self._watches.get(image.id)

@@ -20,6 +20,10 @@ from importer.report import ImageResult
 #: Labels of entries whose image is being made: submitted (or being submitted,
 #: or being looked for after a lost answer) and not finished.
 IN_FLIGHT = frozenset({"creating", "uncertain", "importing", "rotating"})
+#: Labels of entries that have ended (in this run, or an earlier one).
+FINISHED = frozenset({"available", "failed", "timed_out", "rejected"})
+#: The label of an entry nothing has been done for yet (see :mod:`importer.lifecycle`).
+PLANNED = "planned"
 #: Failures the snapshot keeps, newest first.
 LATEST_FAILURES = 5
 #: How often the expected end is worked out again (it walks the images in flight).
@@ -67,8 +71,7 @@ class RunSnapshot:
     @property
     def finished(self) -> int:
         """Entries with a final outcome of this run or an earlier one."""
-        waiting = {"queued", "pending", "not_submitted", *IN_FLIGHT}
-        return sum(count for label, count in self.counts if label not in waiting)
+        return sum(count for label, count in self.counts if label in FINISHED)
 
 
 class Tally:
@@ -79,17 +82,18 @@ class Tally:
         self._counts: Counter[str] = Counter(self._labels.values())
         self._failures: deque[Failure] = deque(maxlen=LATEST_FAILURES)
 
-    def move(self, index: int, label: str) -> None:
-        """Entry ``index`` now counts under ``label``."""
+    def move(self, index: int, label: str) -> bool:
+        """Entry ``index`` now counts under ``label``; whether that is a change."""
         old = self._labels.get(index)
         if old == label:
-            return
+            return False
         if old is not None:
             self._counts[old] -= 1
             if not self._counts[old]:
                 del self._counts[old]
         self._labels[index] = label
         self._counts[label] += 1
+        return True
 
     def failed(self, result: ImageResult) -> None:
         """An entry of this run ended without its image."""
@@ -163,7 +167,7 @@ def preparing(total: int, what: str, started_at: float, now: float) -> RunSnapsh
     """The snapshot of a run that has sent nothing yet."""
     return RunSnapshot(
         total=total,
-        counts=(("queued", total),) if total else (),
+        counts=((PLANNED, total),) if total else (),
         in_flight=0,
         requests=0,
         rate_limited=0,

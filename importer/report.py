@@ -6,7 +6,7 @@ import json
 import os
 import secrets
 from collections import Counter
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -14,7 +14,9 @@ from typing import Any
 
 from importer.clock import isoformat
 
-REPORT_VERSION = 1
+#: 2: each image says its action, version, renames and deletions; the report names
+#: its set and lists orphaned images (see the README's "The report").
+REPORT_VERSION = 2
 #: ``stopped`` of a report written while its run was still going (the periodic
 #: rewrites, and ``importer status`` of a run that never recorded its end).
 RUNNING = "running"
@@ -44,6 +46,18 @@ class Outcome(StrEnum):
 
 
 @dataclass(frozen=True)
+class Renamed:
+    """One image renamed by rotation."""
+
+    image_id: int
+    old: str
+    new: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"image_id": self.image_id, "from": self.old, "to": self.new}
+
+
+@dataclass(frozen=True)
 class ImageResult:
     """The line of the report for one manifest entry."""
 
@@ -57,8 +71,18 @@ class ImageResult:
     error: str | None = None
     submitted_at: float | None = None
     finished_at: float | None = None
-    #: Extra copies that lost create answers made, found by tag and deleted.
+    #: Extra copies of one version (lost create answers, concurrent runs), deleted.
     duplicates_deleted: tuple[int, ...] = ()
+    #: What the run did for the entry: ``create``, ``replace``, ``unchanged``,
+    #: ``watch`` or ``error`` (see :class:`importer.converge.Action`).
+    action: str | None = None
+    #: The source's version (its short label) and what decided it.
+    version: str | None = None
+    version_source: str | None = None
+    #: Renames by rotation, in the order made.
+    renamed: tuple[Renamed, ...] = ()
+    #: Older versions deleted by rotation (beyond ``keep``).
+    deleted: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         # A shallow copy: asdict's deep one was most of the cost of a 10,000-entry report,
@@ -68,6 +92,8 @@ class ImageResult:
         data["submitted_at"] = _iso(self.submitted_at)
         data["finished_at"] = _iso(self.finished_at)
         data["duplicates_deleted"] = list(self.duplicates_deleted)
+        data["renamed"] = [rename.to_json() for rename in self.renamed]
+        data["deleted"] = list(self.deleted)
         return data
 
     @property
@@ -84,10 +110,30 @@ class ImageResult:
         values["submitted_at"] = _unix(data.get("submitted_at"))
         values["finished_at"] = _unix(data.get("finished_at"))
         values["duplicates_deleted"] = tuple(data.get("duplicates_deleted", ()))
+        values["renamed"] = tuple(
+            Renamed(r["image_id"], r["from"], r["to"]) for r in data.get("renamed", ())
+        )
+        values["deleted"] = tuple(data.get("deleted", ()))
         return cls(**values)
 
 
 _RESULT_FIELDS = tuple(f.name for f in fields(ImageResult))
+
+
+@dataclass(frozen=True)
+class OrphanResult:
+    """An image of the set whose entry left the manifest."""
+
+    image_id: int
+    name: str
+    tag: str | None
+    status: str
+    #: Deleted by this run (``--prune``).
+    deleted: bool = False
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -106,13 +152,17 @@ class Report:
     requests_by_endpoint: dict[str, int] = field(default_factory=dict)
     #: The set whose images the manifest owns (see :mod:`importer.identity`).
     set: str | None = None
+    orphans: tuple[OrphanResult, ...] = ()
 
     def counts(self) -> Counter[Outcome]:
         return Counter(result.outcome for result in self.images)
 
     @property
     def all_available(self) -> bool:
-        return all(result.outcome.is_success for result in self.images)
+        """Every entry available, its names and versions put right (no error left)."""
+        return all(r.outcome.is_success and r.error is None for r in self.images) and not any(
+            orphan.error for orphan in self.orphans
+        )
 
     def to_json(self) -> dict[str, Any]:
         counts = self.counts()
@@ -121,6 +171,12 @@ class Report:
         summary["requests"] = self.requests
         summary["rate_limited"] = self.rate_limited
         summary["duplicates_deleted"] = sum(len(r.duplicates_deleted) for r in self.images)
+        actions = Counter(r.action for r in self.images if r.action)
+        summary["actions"] = dict(sorted(actions.items()))
+        summary["renamed"] = sum(len(r.renamed) for r in self.images)
+        summary["deleted"] = sum(len(r.deleted) for r in self.images)
+        summary["orphaned"] = len(self.orphans)
+        summary["orphans_deleted"] = sum(orphan.deleted for orphan in self.orphans)
         return {
             "report_version": REPORT_VERSION,
             "manifest": self.manifest,
@@ -132,6 +188,7 @@ class Report:
             "summary": summary,
             "requests_by_endpoint": dict(sorted(self.requests_by_endpoint.items())),
             "images": [result.to_json() for result in self.images],
+            "orphans": [orphan.to_json() for orphan in self.orphans],
         }
 
     @classmethod
@@ -149,6 +206,7 @@ class Report:
             stopped=data.get("stopped"),
             requests_by_endpoint=dict(data.get("requests_by_endpoint", {})),
             set=data.get("set"),
+            orphans=tuple(OrphanResult(**orphan) for orphan in data.get("orphans", ())),
         )
 
     def to_text(self) -> str:
@@ -181,16 +239,22 @@ class Report:
             lines.append(f"run stopped early: {self.stopped}")
         # A short run lists every image; a long one only those needing attention.
         every = len(self.images) <= limit
-        listed = [r for r in self.images if every or r.needs_attention]
-        for result in listed[:limit]:
-            ident = f" image {result.image_id}" if result.image_id else ""
-            error = f": {result.error}" if result.error else ""
-            lines.append(
-                f"  {result.outcome.value:<13} {result.name} ({result.region}){ident}{error}"
-            )
+        listed = [self._line(r) for r in self.images if every or r.needs_attention]
+        for orphan in self.orphans:
+            done = "deleted" if orphan.deleted else "orphaned"
+            error = f": {orphan.error}" if orphan.error else ""
+            listed.append(f"  {done:<13} {orphan.name} image {orphan.image_id}{error}")
+        lines.extend(listed[:limit])
         if len(listed) > limit:
             lines.append(f"  ... and {len(listed) - limit} more (see the report)")
         return "\n".join(lines)
+
+    @staticmethod
+    def _line(result: ImageResult) -> str:
+        ident = f" image {result.image_id}" if result.image_id else ""
+        action = f" [{result.action}]" if result.action else ""
+        error = f": {result.error}" if result.error else ""
+        return f"  {result.outcome.value:<13} {result.name} ({result.region}){ident}{action}{error}"
 
 
 def _iso(unix: float | None) -> str | None:

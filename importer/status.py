@@ -16,7 +16,7 @@ from pathlib import Path
 
 from importer.errors import StateFileError
 from importer.journal import EntryState, Journal, Phase
-from importer.pipeline import UNKNOWN_CREATE
+from importer.lifecycle import UNKNOWN_CREATE
 from importer.report import ImageResult, Outcome, Report
 
 

@@ -32,7 +32,7 @@ T = 1_790_000_000.0
 MID_RUN = RunSnapshot(
     total=10_000,
     counts=(
-        ("queued", 6_766),
+        ("planned", 6_766),
         ("importing", 2_000),
         ("available", 1_200),
         ("failed", 30),
@@ -70,11 +70,11 @@ def test_view_mid_run() -> None:
     assert rendered(MID_RUN) == "\n".join(
         [
             "run          1,234 of 10,000 finished, 12m03s elapsed",
-            "entries      1,200 available  30 failed  4 timed_out  2,000 importing  6,766 queued",
+            "entries      1,200 available  30 failed  4 timed_out  2,000 importing  6,766 planned",
             "in flight    2,000 images",
             "requests     1,900 of 4,500 this hour ━━━━━━━━             42%  (3,456 in all, 0 "
             "rate-limited)",
-            "last import  expected to end at 14:56:23 UTC (in 31m00s); 6,766 not submitted yet",
+            "last import  expected to end at 14:56:23 UTC (in 31m00s); 6,766 not started yet",
             "latest failures",
             "failed    db-postgres-16 (nyc3) We had a problem decompressing your file. This "
             "typically happens if…",
@@ -92,11 +92,11 @@ def test_view_on_a_narrow_terminal_cuts_errors_not_names() -> None:
 
 
 def test_view_before_the_first_request_and_while_stopping() -> None:
-    """Sizing the sources: what it does, all queued; a stopping run says why."""
+    """Sizing the sources: what it does, all planned; a stopping run says why."""
     assert rendered(preparing(5, "sizing the sources", T, T + 3)) == "\n".join(
         [
             "run          0 of 5 finished, 3s elapsed, sizing the sources",
-            "entries      5 queued",
+            "entries      5 planned",
             "in flight    0 images",
             "requests     0 in all, 0 rate-limited",
             "last import  none in flight",
@@ -113,10 +113,10 @@ def test_view_before_the_first_request_and_while_stopping() -> None:
     assert "expected end not known yet (learning how long imports take)" in text
 
 
-@given(st.lists(st.tuples(st.integers(0, 19), st.sampled_from(["queued", "importing", "done"]))))
+@given(st.lists(st.tuples(st.integers(0, 19), st.sampled_from(["planned", "importing", "done"]))))
 def test_tally_counts_match_a_recount(moves: list[tuple[int, str]]) -> None:
     """Whatever the moves, the incremental counts equal counting every entry again."""
-    labels = dict.fromkeys(range(20), "queued")
+    labels = dict.fromkeys(range(20), "planned")
     tally = Tally(labels)
     for index, label in moves:
         tally.move(index, label)

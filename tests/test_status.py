@@ -17,8 +17,9 @@ from click.testing import CliRunner
 
 from importer.cli import main
 from importer.journal import Journal
+from importer.lifecycle import UNKNOWN_CREATE
 from importer.logs import reset_logging
-from importer.pipeline import UNKNOWN_CREATE, run_import
+from importer.pipeline import run_import
 from importer.plan import make_plan
 from importer.report import RUNNING, Outcome, Report
 from importer.simulator import SimulatorConfig, run_simulator
