@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from importer.report import ImageResult, Outcome, Report, unwritable_reason
+from importer.report import (
+    ImageResult,
+    OrphanResult,
+    Outcome,
+    Renamed,
+    Report,
+    unwritable_reason,
+)
 
 
 def report_of(count: int, requests: int) -> Report:
@@ -130,5 +137,22 @@ def test_report_reads_back_what_it_wrote() -> None:
             ImageResult(index=1, name="b", region="ams3", tag="importer:2",
                         outcome=Outcome.NOT_SUBMITTED, error="rate limited"),
         ),
+    )  # fmt: skip
+    assert Report.from_json(report.to_json()) == report
+
+
+def test_report_v2_reads_back_renames_deletions_and_orphans() -> None:
+    """The nightly fields (action, version, renames, deletions, orphans) survive the round trip."""
+    report = Report(
+        manifest="m.yaml", api_url="https://api.example.com", started_at=1_790_000_000.0,
+        finished_at=1_790_000_900.0, requests=9, rate_limited=0, set="nightly",
+        images=(
+            ImageResult(
+                index=0, name="a", region="nyc3", tag="importer:1", outcome=Outcome.AVAILABLE,
+                image_id=6, action="replace", version="ec29c26b5064", version_source="etag",
+                renamed=(Renamed(2, "a", "a@old"), Renamed(6, "a@new", "a")), deleted=(1,),
+            ),
+        ),
+        orphans=(OrphanResult(4, "gone", "importer:9", "available", deleted=True),),
     )  # fmt: skip
     assert Report.from_json(report.to_json()) == report
