@@ -14,10 +14,10 @@ as the set's listing showed them, its journal row) into an :class:`Action`:
 ``replace``   only other versions are live: the new one is imported under a
               provisional name (``<name>@<label>``) and takes the name only once
               it is available (:func:`rotate`)
-``error``     the source's version cannot be learned (its host does not answer
-              and no checksum is given, or ``checksums_url`` cannot be read or
-              has no line for the file): the entry fails with the reason, the
-              others go on, and nothing of the entry is touched
+``error``     the source's version cannot be learned (``checksums_url`` cannot be
+              read or has no line for the file): the entry fails with the reason,
+              the others go on, and nothing of the entry is touched. (A host the
+              importer cannot reach is no error: see :func:`importer.plan.make_plan`)
 ============  =================================================================
 
 Failed images (``deleted``, ``retired``) never count: an entry that failed last

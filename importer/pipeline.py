@@ -308,10 +308,13 @@ class Importer:
     @staticmethod
     def _nothing_to_do(item: PlannedImport) -> bool:
         decision = item.decision
+        if decision.action is not Action.UNCHANGED or decision.reconcile:
+            return False
+        if item.version is None:
+            # The source could not be probed: its image is kept as it is, unrotated.
+            return True
         return (
-            decision.action is Action.UNCHANGED
-            and not decision.reconcile
-            and item.rotation is not None
+            item.rotation is not None
             and item.rotation.is_empty
             and decision.image is not None
             and decision.image.id == item.rotation.keeper

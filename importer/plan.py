@@ -27,7 +27,16 @@ from typing import Any, Protocol
 
 from importer.api import CreateRequest, Image
 from importer.catalog import PER_PAGE_MAX, TAG_MAX_LENGTH
-from importer.converge import Action, Decision, Delete, Rename, Rotation, decide, rotate
+from importer.converge import (
+    Action,
+    Decision,
+    Delete,
+    Rename,
+    Rotation,
+    decide,
+    keeper_key,
+    rotate,
+)
 from importer.identity import Version, entry_tag, retired_name, set_tag, version_tag
 from importer.inventory import GROUP_TAG_PREFIX, Inventory, group_tag_of
 from importer.journal import Journal
@@ -293,9 +302,24 @@ def make_plan(
         images = inventory.entry(tag) if inventory is not None else ()
         row = journal.get(tag) if journal is not None else None
         version = facts.version
+        kept = None
+        if version is None and facts.error is not None and entry.checksums_url is None:
+            # Only the importer failed to reach the host (DigitalOcean fetches the file
+            # itself, perhaps from another network): an unknown version is no change.
+            # The entry keeps its available image; without one, the URL is the version,
+            # the last resort of the order the sources follow.
+            available = [image for image in images if image.is_available]
+            if available:
+                kept = min(available, key=keeper_key(entry.name))
+            else:
+                version = Version.from_url(entry.url)
         vtag = version_tag(version) if version is not None else None
-        decision = decide(
-            name=entry.name, version_tag=vtag, source_error=facts.error, images=images, row=row
+        decision = (
+            Decision(Action.UNCHANGED, image=kept)
+            if kept is not None
+            else decide(
+                name=entry.name, version_tag=vtag, source_error=facts.error, images=images, row=row
+            )
         )
         item = PlannedImport(
             entry=entry,

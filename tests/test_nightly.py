@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -459,3 +460,42 @@ def test_the_plan_command_and_a_resumed_simulated_demo(tmp_path: Path) -> None:
     assert {e["action"] for e in json.loads((tmp_path / "p.json").read_text())["entries"]} == {
         "unchanged"
     }
+
+
+def unreachable(document: Manifest) -> Manifest:
+    """The same entries, their files on a loopback port nobody listens on (DigitalOcean
+    reaches them; the importer cannot)."""
+    entries = tuple(
+        replace(entry, url=f"http://127.0.0.1:9/{entry.name}.qcow2") for entry in document.entries
+    )
+    return replace(document, entries=entries)
+
+
+@pytest.mark.anyio
+async def test_sources_the_importer_cannot_reach_converge_on_their_urls() -> None:
+    """Unprobeable files (no checksum declared) import once, by URL, and stay unchanged after."""
+    async with run_simulator(SimulatorConfig.demo()) as sim:
+        document = unreachable(manifest(sim))
+        first = await night(sim, document)
+        second = await night(sim, document)  # a fresh state, as a CronJob without a volume
+        assert_converged(sim.world)
+        creates = posts(sim.world)
+    assert [r.outcome for r in first.images] == [Outcome.AVAILABLE] * 3
+    assert {r.version_source for r in first.images} == {"url"}
+    assert [(r.outcome, r.action) for r in second.images] == [(Outcome.AVAILABLE, "unchanged")] * 3
+    assert creates == 3
+
+
+@pytest.mark.anyio
+async def test_a_file_that_cannot_be_probed_tonight_keeps_its_image() -> None:
+    """A host the importer cannot reach tonight is no new version: the image stays, untouched."""
+    async with run_simulator(SimulatorConfig.demo()) as sim:
+        first = await night(sim, manifest(sim))
+        before = Counter(sim.world.request_counts)
+        second = await night(sim, unreachable(manifest(sim)))
+        sent = Counter(sim.world.request_counts) - before
+        assert_converged(sim.world)
+    assert [r.version_source for r in first.images] == ["etag"] * 3
+    assert [(r.outcome, r.action) for r in second.images] == [(Outcome.AVAILABLE, "unchanged")] * 3
+    assert [r.image_id for r in second.images] == [r.image_id for r in first.images]
+    assert set(sent) == {"GET /v2/images"}
