@@ -184,7 +184,11 @@ class Turn:
 
 
 class EntryLifecycle:
-    """One entry's state, its report row, and the only way to change either."""
+    """One entry's state, its report row, and the only way to change either.
+
+    ``observer`` is told of every change of either (after the transition), so that
+    the run keeps its progress counts as they change (:mod:`importer.progress`).
+    """
 
     def __init__(
         self,

@@ -106,10 +106,6 @@ class DurationModel:
     def late(self, size: int | None) -> float:
         return self._fit((size or 0) / GIB) * self._spread()[1]
 
-    def expected(self, size: int | None) -> float:
-        """The fitted duration of an import of ``size`` bytes."""
-        return self._fit((size or 0) / GIB)
-
 
 @dataclass(eq=False)
 class _Watch:
