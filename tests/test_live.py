@@ -9,6 +9,7 @@ import select
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from rich.console import Console
 
 from importer.cli import main
 from importer.live import render
+from importer.logs import reset_logging
 from importer.pipeline import run_import
 from importer.progress import Failure, RunMonitor, RunSnapshot, Tally, preparing
 from importer.report import ImageResult, Outcome
@@ -28,6 +30,15 @@ from tests.helpers import image_urls, manifest_of, settings_for
 from tests.processes import ENV
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """A command run in-process configures logging: leave none of it to the next test."""
+    yield
+    reset_logging()
+
+
 T = 1_790_000_000.0
 MID_RUN = RunSnapshot(
     total=10_000,
