@@ -619,6 +619,12 @@ class Governor:
         for reserve in self._reserves.values():
             reserve.admitted += 1
 
+    def hour_usage(self) -> tuple[int, int] | None:
+        """Our requests in the sliding hour, and the hour's budget (after the reserve)."""
+        if self._hourly is None:
+            return None
+        return self._hourly.count(self._clock.monotonic()), self._hourly.window.limit
+
 
 def _whole(requests: float) -> int:
     """Whole requests to keep for an expected count (a hair's rounding error forgiven)."""

@@ -6,8 +6,12 @@ soon as anything is learned (image id, each status, the outcome). Each write is
 one SQLite transaction in WAL mode: a ``kill -9`` at any instant leaves either
 the state before the write or the state after it, never half of it.
 
-Rows are keyed by the entry tag (see :mod:`importer.plan`), so one state file
+Rows are keyed by the entry tag (see :mod:`importer.identity`), so one state file
 can serve several manifests, and a rerun of a manifest finds its entries again.
+Each row remembers the version its creates were for: a row of another version is
+history. The journal is never the truth about the account (the set's listing is,
+see :mod:`importer.converge`); it tells what a listing cannot: which creates may
+have left unanswered, and the ids of images a listing may hide.
 
 One process at a time: :class:`Journal` holds an exclusive ``flock`` on
 ``<state>.lock`` for as long as it is open; the kernel releases it when the
@@ -21,6 +25,7 @@ import fcntl
 import json
 import os
 import sqlite3
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -29,7 +34,7 @@ from types import TracebackType
 from importer.errors import StateFileError, StateLockedError
 
 MEMORY = ":memory:"
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     tag           TEXT PRIMARY KEY,
@@ -47,10 +52,32 @@ CREATE TABLE IF NOT EXISTS entries (
     first_sent_at REAL,
     submitted_at  REAL,
     finished_at   REAL,
-    updated_at    REAL
+    updated_at    REAL,
+    version       TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    started_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    ended       INTEGER NOT NULL DEFAULT 0,
+    header      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS run_images (
+    run_id      INTEGER NOT NULL,
+    idx         INTEGER NOT NULL,
+    image       TEXT NOT NULL,
+    PRIMARY KEY (run_id, idx)
+);
 """
+#: Runs whose record is kept (``importer status`` shows the last one).
+_RUNS_KEPT = 10
+#: Schema 1 (before versions): its rows are keyed by tags of the URL-based identity,
+#: which no entry has any more; they are kept, and never match.
+#: Whether a create is for the row's version (a row without one, written by a test or
+#: an older schema, is taken to be about it).
+_SAME_VERSION = " COALESCE(version, excluded.version) IS excluded.version "
+_MIGRATIONS = {1: "ALTER TABLE entries ADD COLUMN version TEXT"}
 
 
 class Phase(StrEnum):
@@ -87,14 +114,40 @@ class EntryState:
     first_sent_at: float | None
     submitted_at: float | None
     finished_at: float | None
+    #: The version tag of the source this row's creates were for
+    #: (:func:`importer.identity.version_tag`); a row of another version is history.
+    version: str | None = None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What the journal holds of one run: its report as last recorded, in pieces."""
+
+    run_id: int
+    started_at: float
+    #: When the run last recorded itself (wall time).
+    updated_at: float
+    #: Whether the run recorded its end; if not, it is still running, or was killed.
+    ended: bool
+    #: The report's JSON text without its images (the run's own fields).
+    header: str
+    #: Each image's JSON text, in manifest order.
+    images: tuple[str, ...]
 
 
 class Journal:
-    """An open journal. Use as a context manager, or call :meth:`close`."""
+    """An open journal. Use as a context manager, or call :meth:`close`.
 
-    def __init__(self, path: Path | str) -> None:
+    ``read_only`` opens an existing journal to read it (``importer status``): no
+    lock is taken, so it works while a run holds the state, and nothing is written.
+    """
+
+    def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
         self.path = str(path)
         self._lock_fd: int | None = None
+        if read_only:
+            self._open_read_only()
+            return
         if self.path != MEMORY:
             self._lock_fd = _lock(Path(self.path))
         try:
@@ -114,6 +167,23 @@ class Journal:
                 "pass another --state path, or move this file away"
             ) from None
 
+    def _open_read_only(self) -> None:
+        if self.path == MEMORY or not Path(self.path).is_file():
+            raise StateFileError(
+                f"there is no state file at {self.path}; pass --state the file a run was given"
+            )
+        try:
+            uri = f"{Path(self.path).resolve().as_uri()}?mode=ro"
+            self._db = sqlite3.connect(uri, uri=True, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("SELECT count(*) FROM entries").fetchone()
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise StateFileError(
+                f"{self.path} is not a usable importer state file ({exc}); "
+                "pass --state the file a run was given"
+            ) from None
+
     def _check_version(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
@@ -121,9 +191,14 @@ class Journal:
                 "INSERT INTO meta(key, value) VALUES ('schema', ?)", (str(_SCHEMA_VERSION),)
             )
         elif row["value"] != str(_SCHEMA_VERSION):
-            raise sqlite3.DatabaseError(
-                f"schema version {row['value']}, expected {_SCHEMA_VERSION}"
-            )
+            found = int(row["value"]) if row["value"].isdigit() else -1
+            if found not in _MIGRATIONS:
+                raise sqlite3.DatabaseError(
+                    f"schema version {row['value']}, expected {_SCHEMA_VERSION}"
+                )
+            for version in range(found, _SCHEMA_VERSION):
+                self._db.execute(_MIGRATIONS[version])
+            self._db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(_SCHEMA_VERSION),))
 
     # -- reading --------------------------------------------------------------------
 
@@ -147,23 +222,89 @@ class Journal:
             first_sent_at=row["first_sent_at"],
             submitted_at=row["submitted_at"],
             finished_at=row["finished_at"],
+            version=row["version"],
+        )
+
+    def changed_since(self, since: float) -> tuple[EntryState, ...]:
+        """Rows written at or after ``since`` (wall time)."""
+        rows = self._db.execute("SELECT tag FROM entries WHERE updated_at >= ?", (since,))
+        states = (self.get(row["tag"]) for row in rows.fetchall())
+        return tuple(state for state in states if state is not None)
+
+    def last_run(self) -> RunRecord | None:
+        """The latest run recorded in this journal, if any."""
+        try:
+            row = self._db.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        except sqlite3.OperationalError:  # a state file from before runs were recorded
+            return None
+        if row is None:
+            return None
+        images = self._db.execute(
+            "SELECT image FROM run_images WHERE run_id=? ORDER BY idx", (row["id"],)
+        )
+        return RunRecord(
+            run_id=row["id"],
+            started_at=row["started_at"],
+            updated_at=row["updated_at"],
+            ended=bool(row["ended"]),
+            header=row["header"],
+            images=tuple(image["image"] for image in images.fetchall()),
         )
 
     # -- writing --------------------------------------------------------------------
 
     def creating(
-        self, tag: str, name: str, region: str, now: float, group: str | None = None
+        self,
+        tag: str,
+        name: str,
+        region: str,
+        now: float,
+        group: str | None = None,
+        version: str | None = None,
     ) -> None:
-        """A create for ``tag`` is about to leave: from here on it may exist."""
+        """A create for ``tag`` is about to leave: from here on it may exist.
+
+        A row about another version is history: it starts afresh.
+        """
         self._db.execute(
-            "INSERT INTO entries(tag, name, region, group_tag, phase, creates_sent,"
-            " first_sent_at, updated_at) VALUES (?, ?, ?, ?, 'creating', 1, ?, ?)"
+            "INSERT INTO entries(tag, name, region, group_tag, phase, creates_sent,"  # noqa: S608 - constant SQL
+            " first_sent_at, updated_at, version) VALUES (?, ?, ?, ?, 'creating', 1, ?, ?, ?)"
             " ON CONFLICT(tag) DO UPDATE SET phase='creating', image_id=NULL, status=NULL,"
-            " outcome=NULL, error=NULL, creates_sent=creates_sent+1,"
+            " outcome=NULL, error=NULL, finished_at=NULL,"
             " group_tag=COALESCE(excluded.group_tag, group_tag),"
-            " first_sent_at=COALESCE(first_sent_at, excluded.first_sent_at),"
+            " creates_sent=CASE WHEN" + _SAME_VERSION + "THEN creates_sent+1 ELSE 1 END,"
+            " uncertain=CASE WHEN" + _SAME_VERSION + "THEN uncertain ELSE 0 END,"
+            " duplicates=CASE WHEN" + _SAME_VERSION + "THEN duplicates ELSE '[]' END,"
+            " submitted_at=CASE WHEN" + _SAME_VERSION + "THEN submitted_at ELSE NULL END,"
+            " first_sent_at=CASE WHEN" + _SAME_VERSION + "THEN"
+            " COALESCE(first_sent_at, excluded.first_sent_at) ELSE excluded.first_sent_at END,"
+            " version=excluded.version, updated_at=excluded.updated_at",
+            (tag, name, region, group, now, now, version),
+        )
+
+    def watching(
+        self,
+        tag: str,
+        name: str,
+        region: str,
+        image_id: int,
+        status: str,
+        *,
+        submitted_at: float,
+        now: float,
+        group: str | None,
+        version: str | None,
+    ) -> None:
+        """An image an earlier run created (found in the account) is watched as the entry's."""
+        self._db.execute(
+            "INSERT INTO entries(tag, name, region, group_tag, phase, image_id, status,"
+            " submitted_at, updated_at, version) VALUES (?, ?, ?, ?, 'submitted', ?, ?, ?, ?, ?)"
+            " ON CONFLICT(tag) DO UPDATE SET phase='submitted', image_id=excluded.image_id,"
+            " status=excluded.status, outcome=NULL, error=NULL, finished_at=NULL,"
+            " group_tag=COALESCE(excluded.group_tag, group_tag),"
+            " submitted_at=excluded.submitted_at, version=excluded.version,"
             " updated_at=excluded.updated_at",
-            (tag, name, region, group, now, now),
+            (tag, name, region, group, image_id, status, submitted_at, now, version),
         )
 
     def not_sent(self, tag: str) -> None:
@@ -210,15 +351,75 @@ class Journal:
         outcome: str,
         error: str | None,
         now: float,
+        *,
+        image_id: int | None = None,
+        version: str | None = None,
     ) -> None:
+        """The entry's outcome; ``image_id``/``version`` fill a row this run had not written."""
         self._db.execute(
-            "INSERT INTO entries(tag, name, region, phase, outcome, error, finished_at, updated_at)"
-            " VALUES (?, ?, ?, 'finished', ?, ?, ?, ?)"
+            "INSERT INTO entries(tag, name, region, phase, outcome, error, finished_at,"
+            " updated_at, image_id, version) VALUES (?, ?, ?, 'finished', ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT(tag) DO UPDATE SET phase='finished', outcome=excluded.outcome,"
             " error=excluded.error, finished_at=excluded.finished_at,"
+            " image_id=COALESCE(excluded.image_id, image_id),"
+            " version=COALESCE(excluded.version, version),"
             " updated_at=excluded.updated_at",
-            (tag, name, region, outcome, error, now, now),
+            (tag, name, region, outcome, error, now, now, image_id, version),
         )
+
+    def run_started(self, header: str, images: Iterable[tuple[int, str]], now: float) -> int:
+        """Record a run that starts: its report's own fields, and every image's row by index.
+
+        Returns the run's id. Older runs beyond the last few are forgotten.
+        """
+        with self._transaction():
+            cursor = self._db.execute(
+                "INSERT INTO runs(started_at, updated_at, header) VALUES (?, ?, ?)",
+                (now, now, header),
+            )
+            run_id = cursor.lastrowid
+            assert run_id is not None
+            self._db.executemany(
+                "INSERT INTO run_images(run_id, idx, image) VALUES (?, ?, ?)",
+                ((run_id, index, image) for index, image in images),
+            )
+            self._db.execute("DELETE FROM runs WHERE id <= ?", (run_id - _RUNS_KEPT,))
+            self._db.execute("DELETE FROM run_images WHERE run_id <= ?", (run_id - _RUNS_KEPT,))
+        return run_id
+
+    def run_recorded(
+        self,
+        run_id: int,
+        header: str,
+        images: Iterable[tuple[int, str]],
+        now: float,
+        *,
+        ended: bool,
+    ) -> None:
+        """The run's own fields now, and the rows of the images that changed since the last record.
+
+        One transaction: a reader sees the record before or after, never half of it.
+        ``ended`` once the run is over.
+        """
+        with self._transaction():
+            self._db.execute(
+                "UPDATE runs SET header=?, updated_at=?, ended=? WHERE id=?",
+                (header, now, int(ended), run_id),
+            )
+            self._db.executemany(
+                "INSERT OR REPLACE INTO run_images(run_id, idx, image) VALUES (?, ?, ?)",
+                ((run_id, index, image) for index, image in images),
+            )
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def _update(self, tag: str, now: float, assignments: str, *values: object) -> None:
         self._db.execute(

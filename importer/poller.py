@@ -241,6 +241,9 @@ class StatusPoller:
         self.model = DurationModel()
         #: Whether listings show images still importing: learned, never assumed.
         self.lists_in_progress = False
+        #: Told every image a group listing shows, watched or not (another run's
+        #: import of the same entry may share the group).
+        self.on_listed: Callable[[Sequence[Image]], None] | None = None
 
     # -- the image tasks' side ------------------------------------------------------
 
@@ -378,6 +381,22 @@ class StatusPoller:
         # A group overdue is listed on: at least once more after the next listing.
         return start, max(last, start + self._interval)
 
+    def expected_end(self) -> float | None:
+        """When the last image being watched should finish (monotonic), once durations are known.
+
+        Each image's late bound (see :class:`DurationModel`): the time by which it
+        should be done, not the earliest it could be. Walks the images in flight:
+        call it now and then, not per request.
+        """
+        if not self.model.ready:
+            return None
+        ends = [
+            watch.submitted + self.model.late(watch.size)
+            for watch in self._watches.values()
+            if not watch.done.is_set()
+        ]
+        return max(ends, default=None)
+
     # -- the background task --------------------------------------------------------
 
     async def run(self) -> None:
@@ -435,6 +454,8 @@ class StatusPoller:
         group and interval to learn nothing. Groups take turns, the one due first
         first; the others wait for the next turn.
         """
+        if len(self._groups) <= 1:
+            return due  # one group: its own schedule already lists it once per interval
         now = self._clock.monotonic()
         turn = self._learning_turn + self._interval
         chosen = None if now < turn else min(due, key=lambda w: (w.due, w.submitted)).group
@@ -480,6 +501,8 @@ class StatusPoller:
             return
         listed.add(group)
         self.learn(images)
+        if self.on_listed is not None:
+            self.on_listed(images)
         now = self._clock.monotonic()
         for image in images:
             watch = self._watches.get(image.id)
@@ -655,7 +678,8 @@ class StatusPoller:
             when = early if early > now else now + self._interval
         else:
             # Nothing learned yet: back off, so a long first import costs few requests.
-            when = now + min(self._interval * 1.5**watch.checks, 4 * self._interval)
+            # Capped exponent: a float power overflows after ~1,750 checks of a stuck image.
+            when = now + min(self._interval * 1.5 ** min(watch.checks, 4), 4 * self._interval)
         return self._not_after_last_call(watch, when)
 
     def _not_after_last_call(self, watch: _Watch, when: float) -> float:
