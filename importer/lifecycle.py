@@ -254,6 +254,12 @@ class EntryLifecycle:
 
     # -- the submission turn ----------------------------------------------------------
 
+    def assign_group(self, group: str) -> None:
+        """Give an import its group tag: the run numbers groups in the order of submission."""
+        if self.state is not State.PLANNED:
+            raise IllegalTransitionError(self.tag, self.state, self.state, "assign_group")
+        self.item = replace(self.item, group=group)
+
     def take_turn(self, turn: Turn) -> None:
         """Hold ``turn`` until the entry leaves the submitting states."""
         self._turn = turn

@@ -224,7 +224,7 @@ class StatusPoller:
         # creates a whole hour (see pace_with).
         self._fastest = poll_interval
         self._budget: StatusBudget | None = None
-        self._creates_left: Callable[[], int] = lambda: 0
+        self._creates_left: Callable[[], int] | None = None
         self._retuned_at = -math.inf
         # When the last group listing before the model was ready went.
         self._learning_turn = -math.inf
@@ -315,7 +315,7 @@ class StatusPoller:
         if self._budget is None or not self.model.ready or now - self._retuned_at < RETUNE_EVERY:
             return
         self._retuned_at = now
-        creates = self._creates_left()
+        creates = self._creates_left() if self._creates_left is not None else 0
         fastest = self._fastest
         slowest = MAX_STRETCH * fastest
         interval = fastest
@@ -584,8 +584,11 @@ class StatusPoller:
                 smallest = stats.smallest if smallest is None else min(smallest, stats.smallest)
             if stats.largest is not None:
                 largest = stats.largest if largest is None else max(largest, stats.largest)
-        coming = _Group(first_submitted=now, last_submitted=now, smallest=smallest, largest=largest)
-        self._forecast_group(coming, now, tail, events)
+        if self._creates_left is None or self._creates_left() > 0:
+            coming = _Group(
+                first_submitted=now, last_submitted=now, smallest=smallest, largest=largest
+            )
+            self._forecast_group(coming, now, tail, events)
         events.sort()
         corners: list[tuple[float, float]] = [(now, 0.0)]
         count = slope = 0.0
@@ -599,7 +602,7 @@ class StatusPoller:
             corners.append((when, count))
             slope += change
         # The floor lasts as long as the listings foreseen, and two intervals more.
-        until = max(when for when, _, _ in events) + 2 * interval
+        until = max((when for when, _, _ in events), default=now) + 2 * interval
         return Demand.of(now, corners, floor_interval=interval, floor_until=until)
 
     def _forecast_group(
