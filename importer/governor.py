@@ -493,6 +493,10 @@ class Governor:
             if others:
                 # By then every request of theirs that we know of has expired.
                 wait = min(wait, max(self._others_until - now, log.wait_time(now, kept)))
+            if kept and wait > reserve.refresh:
+                # Held back for checks the forecast may drop (they went, or are not due
+                # after all): ask again soon rather than wait for the window to free up.
+                wait = max(reserve.refresh, min(wait, log.wait_time(now, others)))
             if wait <= 0 and demand is not None:
                 until = self._others_until if log is self._hourly else -math.inf
                 wait = reserve.later_wait(now, demand, others, until)

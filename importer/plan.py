@@ -298,9 +298,7 @@ def make_plan(
         facts = (sources or {}).get(entry.index)
         if facts is None:
             facts = KnownSource(sizes.get(entry.index), fallback_version(entry))
-        item = plan_entry(
-            manifest.set, entry, facts, inventory=inventory, journal=journal, now=now
-        )
+        item = plan_entry(manifest.set, entry, facts, inventory=inventory, journal=journal, now=now)
         if item.size is None and sizes.get(entry.index) is not None:
             item = replace(item, size=sizes[entry.index])
         planned.append(item)
