@@ -40,15 +40,15 @@ Decisions (each one is tested):
 - ``url``: absolute http(s), with a host, naming a file (DigitalOcean reads the file name),
   without whitespace, and not of a format DigitalOcean rejects, judged on the path alone.
 - ``region`` and ``distribution`` must match the catalog exactly; a near miss is a problem with
-  a suggestion.
+  a suggestion. For ``distribution`` this matters most: the API silently turns any unknown
+  value, even ``ubuntu``, into ``Unknown``.
 - ``regions`` lists every region the image must be in: it is imported into the first and
   transferred to the others (:mod:`importer.transfers`). Each is checked like ``region``; a
   region listed twice, or an empty list, is a problem. ``region`` alone means that one region.
   Given both, ``region`` must be the first of ``regions`` (a problem otherwise: which one the
   import goes to would be a guess). The two are one setting: an entry that gives either
   replaces both of the defaults'. The entry's identity keeps the import region only, so
-  adding a region to an entry is the same entry, which gains a transfer. For ``distribution`` this matters most: the API silently turns any unknown
-  value, even ``ubuntu``, into ``Unknown``.
+  adding a region to an entry is the same entry, which gains a transfer.
 - Tags must be valid DigitalOcean tag names; at most 46 per image after merging, so that
   with the importer's four (set, entry, version, group) an image has at most 50 (our
   limit). Tags with the importer's own prefixes (``importer:``, ``importer-set:``...) are

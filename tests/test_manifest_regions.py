@@ -1,4 +1,4 @@
-"""The manifest's ``regions``: where an image must be, imported into the first, transferred to the rest."""
+"""The manifest's ``regions``: imported into the first region, transferred to the others."""
 
 from __future__ import annotations
 
