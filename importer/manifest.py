@@ -149,22 +149,13 @@ class Entry:
     checksums_url: str | None = None
     #: Versions of the image kept in the account, the newest included (>= 1).
     keep: int = DEFAULT_KEEP
-    #: Every region the image must be in, ``region`` (where it is imported) first; the
-    #: others are reached by transfers. Empty when built in code: then ``(region,)``.
-    regions: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if not self.regions:
-            object.__setattr__(self, "regions", (self.region,))
-        elif self.regions[0] != self.region:
-            raise ValueError(
-                f"Entry {self.name!r}: regions {self.regions} must start with region {self.region}"
-            )
+    #: The regions the image reaches by transfer, after ``region`` (where it is imported).
+    transfer_regions: tuple[str, ...] = ()
 
     @property
-    def transfer_regions(self) -> tuple[str, ...]:
-        """The regions the image reaches by transfer: all but the one it is imported into."""
-        return self.regions[1:]
+    def regions(self) -> tuple[str, ...]:
+        """Every region the image must be in, the one it is imported into first."""
+        return (self.region, *self.transfer_regions)
 
 
 @dataclass(frozen=True)
@@ -725,7 +716,7 @@ def _check_image(
         checksum=checksum,
         checksums_url=checksums_url,
         keep=DEFAULT_KEEP if keep is None else keep,
-        regions=regions,
+        transfer_regions=regions[1:],
     )
     return entry, key
 

@@ -14,7 +14,9 @@ from typing import Any
 from importer.clock import isoformat
 
 #: 2: each image says its action, version, renames and deletions; the report names
-#: its set and lists orphaned images (see the README's "The report").
+#: its set and lists orphaned images (see the README's "The report"). Still 2 with
+#: regions: each image's ``regions`` and the summary's ``regions`` are new fields, and
+#: every other field keeps its meaning.
 REPORT_VERSION = 2
 
 
@@ -77,9 +79,22 @@ class ImageResult:
     renamed: tuple[Renamed, ...] = ()
     #: Older versions deleted by rotation (beyond ``keep``).
     deleted: tuple[int, ...] = ()
+    #: Each region the image is transferred to, with its state (``transferred``,
+    #: ``transferring``, ``not_transferred`` or ``transfer_failed: <why>``, see
+    #: :mod:`importer.transfers`), in the manifest's order.
+    regions: tuple[tuple[str, str], ...] = ()
+
+    def region_states(self) -> dict[str, str]:
+        """Every region of the entry and its state, the import region first.
+
+        The import region is ``available`` once the image is, else the entry's outcome.
+        """
+        home = "available" if self.outcome is Outcome.AVAILABLE else self.outcome.value
+        return {self.region: home, **dict(self.regions)}
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        data["regions"] = self.region_states()
         data["outcome"] = self.outcome.value
         data["submitted_at"] = _iso(self.submitted_at)
         data["finished_at"] = _iso(self.finished_at)
@@ -146,6 +161,11 @@ class Report:
         summary["deleted"] = sum(len(r.deleted) for r in self.images)
         summary["orphaned"] = len(self.orphans)
         summary["orphans_deleted"] = sum(orphan.deleted for orphan in self.orphans)
+        # Regions reached by transfer, by state (``transfer_failed`` without its reason).
+        regions = Counter(
+            state.partition(":")[0] for result in self.images for _, state in result.regions
+        )
+        summary["regions"] = dict(sorted(regions.items()))
         return {
             "report_version": REPORT_VERSION,
             "manifest": self.manifest,

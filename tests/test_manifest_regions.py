@@ -140,8 +140,8 @@ def test_the_identity_keeps_the_import_region_only() -> None:
 
 
 def test_an_entry_built_in_code_has_its_region_as_regions() -> None:
-    """``Entry(...)`` without regions (Python callers, tests) is in its one region."""
+    """``Entry(...)`` without transfer regions (Python callers, tests) is in its one region."""
     entry = Entry(0, "a", "https://h/a.img", "fra1", None, None, ())
     assert entry.regions == ("fra1",)
-    with pytest.raises(ValueError, match="must start with"):
-        Entry(0, "a", "https://h/a.img", "fra1", None, None, (), regions=("nyc3", "fra1"))
+    more = Entry(0, "a", "https://h/a.img", "fra1", None, None, (), transfer_regions=("lon1",))
+    assert more.regions == ("fra1", "lon1")
