@@ -1,4 +1,4 @@
-"""The ``importer`` command: ``run``, ``plan``, ``validate`` and ``simulate``.
+"""The ``importer`` command: ``run``, ``plan``, ``status``, ``validate`` and ``simulate``.
 
 Exit codes of ``run``: 0 every image available (and its names put right); 1 some
 image failed, timed out or was rejected, or rotation left something undone; 2
@@ -7,13 +7,17 @@ written); 3 authentication failed, the API unreachable or the account unreadable
 ``--deadline`` passed; 130 interrupted (SIGINT); 143 terminated (SIGTERM).
 
 Every check of the command line and of the paths to write is made before the first
-request. Logs go to stderr; with ``--log-format json`` every stderr line is JSON.
+request. Logs go to stderr; with ``--log-format json`` every stderr line is JSON. On a
+terminal, with console logs, a live view of the run (:mod:`importer.live`) is drawn on
+stderr, with only warnings (``-v``: every line down to debug) printed above it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import logging
 import os
 import signal
 import socket
@@ -23,7 +27,7 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, fields, replace
 from pathlib import Path, PurePosixPath
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TextIO, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
@@ -47,14 +51,18 @@ from importer.errors import (
     UsageError,
 )
 from importer.journal import MEMORY, Journal
+from importer.live import LiveView
 from importer.logs import LogFormat, configure_logging
 from importer.manifest import Manifest, load_manifest, parse_manifest
+from importer.outputs import Outputs, path_error
 from importer.pipeline import Stopper, plan_only, run_import
 from importer.plan import RunPlan
-from importer.report import Report, plural, unwritable_reason, write_json_atomic
+from importer.progress import RunMonitor, RunSnapshot, preparing
+from importer.report import RUNNING, Report, plural, unwritable_reason, write_json_atomic
 from importer.settings import Settings, Token, default_api_url
 from importer.simulator import SimulatorConfig, run_simulator
 from importer.sources import SourceProber
+from importer.status import last_report
 
 EXIT_OK = 0
 EXIT_FAILURES = 1
@@ -71,6 +79,8 @@ _STOP_EXIT = {
     "deadline": EXIT_DEADLINE,
     "interrupted": EXIT_INTERRUPTED,
     "terminated": EXIT_TERMINATED,
+    # Only `importer status` sees it: the last run has not ended (or was killed).
+    RUNNING: EXIT_FAILURES,
 }
 _SIGNAL_REASONS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
 DEFAULT_STATE = Path("importer-state.sqlite")
@@ -137,6 +147,39 @@ def _flags(command: click.Command) -> dict[str, str]:
         for param in command.params
         if isinstance(param, click.Option) and param.name
     }
+
+
+def _output_options(command: FC) -> FC:
+    """``--junit``, ``--markdown`` and ``--metrics``, shared by ``run`` and ``status``."""
+    for flag, name, help_text in reversed(
+        (
+            ("--junit", "junit_path", "Also write a JUnit XML file: one test case per entry."),
+            (
+                "--markdown",
+                "markdown_path",
+                "Also write a Markdown summary (and append it to $GITHUB_STEP_SUMMARY if set).",
+            ),
+            (
+                "--metrics",
+                "metrics_path",
+                "Also write Prometheus metrics (text format, for node_exporter's textfile "
+                "collector).",
+            ),
+        )
+    ):
+        option = click.option(
+            flag, name, type=click.Path(path_type=Path, dir_okay=False), help=help_text
+        )
+        command = option(command)
+    return command
+
+
+def _check_outputs(outputs: Outputs, log_format: LogFormat) -> None:
+    """Refuse, before anything runs, an output that could not be written at the end."""
+    for flag, path in outputs.paths():
+        reason = unwritable_reason(path)
+        if reason is not None:
+            _die(path_error(flag, path, reason), log_format)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -265,6 +308,9 @@ def validate(manifest: Path) -> None:
     show_default=True,
     help="Human-readable logs, or JSON lines.",
 )
+@_output_options
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and the final summary.")
+@click.option("-v", "--verbose", is_flag=True, help="Every log line, debug ones too.")
 def run(
     manifest: Path,
     report_path: Path,
@@ -284,10 +330,17 @@ def run(
     poll_interval: float | None,
     prune: bool,
     log_format: LogFormat,
+    junit_path: Path | None,
+    markdown_path: Path | None,
+    metrics_path: Path | None,
+    quiet: bool,
+    verbose: bool,
 ) -> None:
     """Make the account hold what MANIFEST asks for (import, replace, rotate); write a report."""
     # Set up first, so that even a refusal is a JSON line when JSON is asked for.
     configure_logging(log_format)
+    if quiet and verbose:
+        _die(UsageError("-q and -v contradict each other; pass one of them"), log_format)
     for flag, given in (("--api-url", api_url is not None), ("--token-file", token_file)):
         if simulate and given:
             _die(
@@ -344,39 +397,133 @@ def run(
     reason = None if to_stdout else unwritable_reason(settings.report_path)
     if reason is not None:
         _die(OutputPathError(str(settings.report_path), reason, fix=_REPORT_FIX), log_format)
-    configure_logging(log_format, secrets=[token.value])
+    outputs = Outputs.from_env(junit=junit_path, markdown=markdown_path, metrics=metrics_path)
+    _check_outputs(outputs, log_format)
+    # On a terminal, the view replaces the info lines (it says what they would);
+    # warnings still scroll above it. Anywhere else, the logs are as they always were.
+    view = LiveView() if not quiet and log_format == "console" and sys.stderr.isatty() else None
+    level = logging.DEBUG if verbose else logging.WARNING if quiet or view else logging.INFO
     options: dict[str, Any] = {"loop_factory": VirtualTimeLoop} if virtual_time else {}
+
+    def checkpoint(interim: Report) -> None:
+        """Rewrite the outputs during the run, so that a killed run leaves recent ones."""
+        try:
+            if not to_stdout:
+                interim.write(settings.report_path)
+            outputs.write(interim, final=False)
+        except (OSError, OutputPathError) as exc:
+            structlog.get_logger("importer.cli").warning("outputs.write_failed", error=str(exc))
+
+    configure_logging(log_format, secrets=[token.value], level=level)
     try:
         # Opened (and locked) before anything starts, so a refusal is just a message.
-        with Journal(settings.state_path or MEMORY) as journal:
-            report = anyio.run(
-                _run,
-                loaded,
-                settings,
-                journal,
-                _RunOptions(simulate, size_order, prune, log_format),
-                backend_options=options,
-            )
+        journal = Journal(settings.state_path or MEMORY)
     except ImporterError as error:  # the state file is locked or unusable
         _die(error, log_format)
-    if to_stdout:
+    # The view is up only while the run is: messages before and after it print plainly.
+    with journal, view if view is not None else contextlib.nullcontext():
+        if view is not None:
+            configure_logging(log_format, secrets=[token.value], level=level, stream=view.stream)
+        run_options = _RunOptions(
+            simulate, size_order, prune, log_format, quiet, view=view, on_checkpoint=checkpoint
+        )
+        report = anyio.run(_run, loaded, settings, journal, run_options, backend_options=options)
+    if view is not None:
+        configure_logging(log_format, secrets=[token.value], level=level)
+    _finish(report, settings.report_path, outputs, log_format, quiet=quiet)
+
+
+def _finish(
+    report: Report,
+    report_path: Path | None,
+    outputs: Outputs,
+    log_format: LogFormat,
+    *,
+    quiet: bool = False,
+) -> NoReturn:
+    """Write the report and the outputs, print the summary, exit with the run's code.
+
+    A file that cannot be written is said after the summary, with exit 2.
+    """
+    failure: ImporterError | None = None
+    if report_path is not None and report_path != DASH:
+        try:
+            report.write(report_path)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            failure = OutputPathError(str(report_path), reason, fix=_REPORT_FIX)
+    if failure is None:
+        try:
+            outputs.write(report, final=True)
+        except OutputPathError as error:
+            failure = error
+    if report_path == DASH:
         click.echo(report.to_text(), nl=False)
         # Standard output holds the JSON alone; in JSON logs, run.finished has the counts.
         if log_format == "console":
             click.echo(report.human_summary(), err=True)
     else:
-        try:
-            report.write(settings.report_path)
-        except OSError as exc:
-            click.echo(report.human_summary())
-            reason = exc.strerror or str(exc)
-            _die(OutputPathError(str(settings.report_path), reason, fix=_REPORT_FIX), log_format)
         click.echo(report.human_summary())
-        click.echo(f"report written to {settings.report_path}")
+        if report_path is not None and failure is None and not quiet:
+            click.echo(f"report written to {report_path}")
+    if failure is not None:
+        _die(failure, log_format)
     sys.exit(exit_code(report))
 
 
 _REPORT_FIX = "pass --report a path in a directory you can write to, or - for standard output"
+
+
+@main.command()
+@click.option(
+    "--state",
+    "state_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="The state file of the runs to report on.",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(path_type=Path, dir_okay=False, allow_dash=True),
+    default=None,
+    help="Also write the JSON report there; - for standard output (the summary then goes "
+    "to stderr).",
+)
+@_output_options
+@click.option(
+    "--log-format",
+    type=click.Choice(["console", "json"]),
+    default="console",
+    show_default=True,
+    help="Human-readable logs, or JSON lines.",
+)
+def status(
+    state_path: Path,
+    report_path: Path | None,
+    junit_path: Path | None,
+    markdown_path: Path | None,
+    metrics_path: Path | None,
+    log_format: LogFormat,
+) -> None:
+    """Report the last run on a state file, from its journal alone: no token, no request.
+
+    Works while that run goes on, and after it was killed: then the report is its last
+    record, brought up to date by the journal's newer rows, with `stopped: running`.
+    Exit code: the run's own (0, 1, 3, 4, 130, 143), or 1 if it has not ended.
+    """
+    configure_logging(log_format)
+    if report_path is not None and report_path != DASH:
+        reason = unwritable_reason(report_path)
+        if reason is not None:
+            _die(OutputPathError(str(report_path), reason, fix=_REPORT_FIX), log_format)
+    outputs = Outputs.from_env(junit=junit_path, markdown=markdown_path, metrics=metrics_path)
+    _check_outputs(outputs, log_format)
+    try:
+        report = last_report(state_path)
+    except ImporterError as error:
+        _die(error, log_format)
+    _finish(report, report_path, outputs, log_format)
 
 
 @dataclass(frozen=True)
@@ -385,6 +532,11 @@ class _RunOptions:
     size_order: bool
     prune: bool
     log_format: LogFormat
+    quiet: bool = False
+    #: The live view, when stderr is a terminal.
+    view: LiveView | None = None
+    #: Rewrites the outputs with the report so far (see run_import).
+    on_checkpoint: Callable[[Report], None] | None = None
 
 
 def simulator_state_path(state_path: Path) -> Path:
@@ -407,9 +559,24 @@ async def _run(
     stopper = Stopper()
     # Wall time anchored now: under --virtual-time, timestamps still read as today.
     clock = LoopClock(epoch=time.time())
-    on_plan = _plan_printer(options.log_format)
+    started = clock.wall()
+    view = options.view
+    # With the view up, the plan is printed above it; with -q, not at all.
+    on_plan = _plan_printer(
+        options.log_format, None if options.quiet else view.stream if view else sys.stderr
+    )
+    monitors: list[RunMonitor] = []
+
+    def snapshot() -> RunSnapshot:
+        if monitors:
+            return monitors[0].snapshot()
+        return preparing(len(manifest.entries), "starting", started, clock.wall())
+
+    hooks: dict[str, Any] = {"on_start": monitors.append, "on_checkpoint": options.on_checkpoint}
     async with anyio.create_task_group() as signals:
         signals.start_soon(_stop_on_signals, stopper)
+        if view is not None:
+            signals.start_soon(view.follow, snapshot, clock)
         if options.simulate:
             async with run_simulator(_simulator_config(settings), clock) as simulator:
                 log = structlog.get_logger("importer.cli")
@@ -430,6 +597,7 @@ async def _run(
                     size_order=options.size_order,
                     prune=options.prune,
                     on_plan=on_plan,
+                    **hooks,
                 )
         else:
             report = await run_import(
@@ -442,19 +610,25 @@ async def _run(
                 size_order=options.size_order,
                 prune=options.prune,
                 on_plan=on_plan,
+                **hooks,
             )
         signals.cancel_scope.cancel()
     return report
 
 
-def _plan_printer(log_format: LogFormat) -> Callable[[RunPlan], None]:
-    """``run`` shows its plan before it starts (in JSON logs, ``plan.made`` says it all)."""
+def _plan_printer(log_format: LogFormat, out: TextIO | None) -> Callable[[RunPlan], None]:
+    """``run`` shows its plan before it starts (in JSON logs, ``plan.made`` says it all).
+
+    ``out``: where the table goes (stderr, or above the live view); ``None`` for none.
+    """
 
     def show(plan: RunPlan) -> None:
         if log_format == "console":
-            click.echo(f"plan for set {plan.set}: {plan.summary_line()}", err=True)
+            if out is None:
+                return
+            click.echo(f"plan for set {plan.set}: {plan.summary_line()}", file=out)
             for line in plan.table():
-                click.echo(line, err=True)
+                click.echo(line, file=out)
         else:
             log = structlog.get_logger("importer.cli")
             for fields in plan.entry_events():

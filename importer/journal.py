@@ -25,6 +25,7 @@ import fcntl
 import json
 import os
 import sqlite3
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -55,7 +56,22 @@ CREATE TABLE IF NOT EXISTS entries (
     version       TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    started_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    ended       INTEGER NOT NULL DEFAULT 0,
+    header      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS run_images (
+    run_id      INTEGER NOT NULL,
+    idx         INTEGER NOT NULL,
+    image       TEXT NOT NULL,
+    PRIMARY KEY (run_id, idx)
+);
 """
+#: Runs whose record is kept (``importer status`` shows the last one).
+_RUNS_KEPT = 10
 #: Schema 1 (before versions): its rows are keyed by tags of the URL-based identity,
 #: which no entry has any more; they are kept, and never match.
 #: Whether a create is for the row's version (a row without one, written by a test or
@@ -150,12 +166,35 @@ class EntryState:
     version: str | None = None
 
 
-class Journal:
-    """An open journal. Use as a context manager, or call :meth:`close`."""
+@dataclass(frozen=True)
+class RunRecord:
+    """What the journal holds of one run: its report as last recorded, in pieces."""
 
-    def __init__(self, path: Path | str) -> None:
+    run_id: int
+    started_at: float
+    #: When the run last recorded itself (wall time).
+    updated_at: float
+    #: Whether the run recorded its end; if not, it is still running, or was killed.
+    ended: bool
+    #: The report's JSON text without its images (the run's own fields).
+    header: str
+    #: Each image's JSON text, in manifest order.
+    images: tuple[str, ...]
+
+
+class Journal:
+    """An open journal. Use as a context manager, or call :meth:`close`.
+
+    ``read_only`` opens an existing journal to read it (``importer status``): no
+    lock is taken, so it works while a run holds the state, and nothing is written.
+    """
+
+    def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
         self.path = str(path)
         self._lock_fd: int | None = None
+        if read_only:
+            self._open_read_only()
+            return
         if self.path != MEMORY:
             self._lock_fd = _lock(Path(self.path))
         try:
@@ -174,6 +213,23 @@ class Journal:
             raise StateFileError(
                 f"{self.path} is not a usable importer state file ({exc}); "
                 "pass another --state path, or move this file away"
+            ) from None
+
+    def _open_read_only(self) -> None:
+        if self.path == MEMORY or not Path(self.path).is_file():
+            raise StateFileError(
+                f"there is no state file at {self.path}; pass --state the file a run was given"
+            )
+        try:
+            uri = f"{Path(self.path).resolve().as_uri()}?mode=ro"
+            self._db = sqlite3.connect(uri, uri=True, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("SELECT count(*) FROM entries").fetchone()
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise StateFileError(
+                f"{self.path} is not a usable importer state file ({exc}); "
+                "pass --state the file a run was given"
             ) from None
 
     def _check_version(self) -> None:
@@ -215,6 +271,32 @@ class Journal:
             submitted_at=row["submitted_at"],
             finished_at=row["finished_at"],
             version=row["version"],
+        )
+
+    def changed_since(self, since: float) -> tuple[EntryState, ...]:
+        """Rows written at or after ``since`` (wall time)."""
+        rows = self._db.execute("SELECT tag FROM entries WHERE updated_at >= ?", (since,))
+        states = (self.get(row["tag"]) for row in rows.fetchall())
+        return tuple(state for state in states if state is not None)
+
+    def last_run(self) -> RunRecord | None:
+        """The latest run recorded in this journal, if any."""
+        try:
+            row = self._db.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        except sqlite3.OperationalError:  # a state file from before runs were recorded
+            return None
+        if row is None:
+            return None
+        images = self._db.execute(
+            "SELECT image FROM run_images WHERE run_id=? ORDER BY idx", (row["id"],)
+        )
+        return RunRecord(
+            run_id=row["id"],
+            started_at=row["started_at"],
+            updated_at=row["updated_at"],
+            ended=bool(row["ended"]),
+            header=row["header"],
+            images=tuple(image["image"] for image in images.fetchall()),
         )
 
     # -- writing --------------------------------------------------------------------
@@ -332,6 +414,60 @@ class Journal:
             " updated_at=excluded.updated_at",
             (tag, name, region, outcome, error, now, now, image_id, version),
         )
+
+    def run_started(self, header: str, images: Iterable[tuple[int, str]], now: float) -> int:
+        """Record a run that starts: its report's own fields, and every image's row by index.
+
+        Returns the run's id. Older runs beyond the last few are forgotten.
+        """
+        with self._transaction():
+            cursor = self._db.execute(
+                "INSERT INTO runs(started_at, updated_at, header) VALUES (?, ?, ?)",
+                (now, now, header),
+            )
+            run_id = cursor.lastrowid
+            assert run_id is not None
+            self._db.executemany(
+                "INSERT INTO run_images(run_id, idx, image) VALUES (?, ?, ?)",
+                ((run_id, index, image) for index, image in images),
+            )
+            self._db.execute("DELETE FROM runs WHERE id <= ?", (run_id - _RUNS_KEPT,))
+            self._db.execute("DELETE FROM run_images WHERE run_id <= ?", (run_id - _RUNS_KEPT,))
+        return run_id
+
+    def run_recorded(
+        self,
+        run_id: int,
+        header: str,
+        images: Iterable[tuple[int, str]],
+        now: float,
+        *,
+        ended: bool,
+    ) -> None:
+        """The run's own fields now, and the rows of the images that changed since the last record.
+
+        One transaction: a reader sees the record before or after, never half of it.
+        ``ended`` once the run is over.
+        """
+        with self._transaction():
+            self._db.execute(
+                "UPDATE runs SET header=?, updated_at=?, ended=? WHERE id=?",
+                (header, now, int(ended), run_id),
+            )
+            self._db.executemany(
+                "INSERT OR REPLACE INTO run_images(run_id, idx, image) VALUES (?, ?, ?)",
+                ((run_id, index, image) for index, image in images),
+            )
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def _update(self, tag: str, now: float, assignments: str, *values: object) -> None:
         self._db.execute(

@@ -198,9 +198,23 @@ class Turn:
 
 
 class EntryLifecycle:
-    """One entry's state, its report row, and the only way to change either."""
+    """One entry's state, its report row, and the only way to change either.
 
-    def __init__(self, item: PlannedImport, journal: Journal, clock: Clock, log: Log) -> None:
+    ``observer`` is told of every change of either (after the transition), so that
+    the run keeps its progress counts as they change (:mod:`importer.progress`).
+    """
+
+    def __init__(
+        self,
+        item: PlannedImport,
+        journal: Journal,
+        clock: Clock,
+        log: Log,
+        *,
+        observer: Callable[[EntryLifecycle], None] | None = None,
+    ) -> None:
+        # Told of every change of state or report row (the run's progress counts).
+        self._observer = observer
         self.item = item
         self._journal = journal
         self._clock = clock
@@ -221,6 +235,20 @@ class EntryLifecycle:
         )
 
     # -- reading --------------------------------------------------------------------
+
+    @property
+    def result(self) -> ImageResult:
+        """The entry's report row."""
+        return self._result
+
+    @result.setter
+    def result(self, value: ImageResult) -> None:
+        self._result = value
+        self._changed()
+
+    def _changed(self) -> None:
+        if self._observer is not None:
+            self._observer(self)
 
     @property
     def tag(self) -> str:
@@ -646,3 +674,4 @@ class EntryLifecycle:
         if event is not None:
             level, name, fields = event
             getattr(self.log, level)(name, **fields)
+        self._changed()

@@ -30,6 +30,7 @@ this module only orchestrates.
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -67,15 +68,18 @@ from importer.plan import (
     make_plan,
 )
 from importer.poller import StatusPoller
+from importer.progress import RunMonitor, Sources, Tally
 from importer.reconcile import Reconciler
 from importer.redact import redact_text
-from importer.report import ImageResult, OrphanResult, Outcome, Report
+from importer.report import RUNNING, ImageResult, OrphanResult, Outcome, Report
 from importer.settings import Settings
 from importer.sizing import HeadSizer
 from importer.sources import SourceProber
 from importer.transfers import Transfers
 
 Log = structlog.typing.FilteringBoundLogger
+#: The run's report is recorded (journal, and the caller's outputs) this often.
+CHECKPOINT_INTERVAL = 60.0
 
 
 class Stopper:
@@ -190,6 +194,13 @@ class Importer:
         self._scope: anyio.CancelScope | None = None
         self._run_failures: set[str] = set()
         self.stopped: str | None = None
+        #: Set when the run starts stopping early.
+        self.stopping = anyio.Event()
+        #: Entries by progress label, kept as they change (see :mod:`importer.progress`).
+        self.tally = Tally({entry.index: State.PLANNED.value for entry in manifest.entries})
+        #: Entries whose report row changed since :meth:`changed_results` last asked (at
+        #: first, all of them).
+        self._changed: set[int] = {entry.index for entry in manifest.entries}
 
     # -- running ------------------------------------------------------------------
 
@@ -224,6 +235,7 @@ class Importer:
         if self.stopped is None:
             self.stopped = reason
             self._log.warning("run.stopping", reason=reason)
+            self.stopping.set()
         if self._scope is not None:
             self._scope.cancel()
 
@@ -261,7 +273,9 @@ class Importer:
         self.plan = plan
         for item in plan.items:
             self._known[item.tag] = {image.id: image for image in inventory.entry(item.tag)}
-            self._entries[item.index] = EntryLifecycle(item, self._journal, self._clock, self._log)
+            self._entries[item.index] = EntryLifecycle(
+                item, self._journal, self._clock, self._log, observer=self._entry_changed
+            )
         self.orphans = {
             image.id: OrphanResult(image.id, image.name, entry_tag_of(image), image.status)
             for image in plan.orphans
@@ -693,15 +707,22 @@ class Importer:
 
     # -- reporting ------------------------------------------------------------------
 
+    def _entry_changed(self, entry: EntryLifecycle) -> None:
+        """An entry's state or report row changed: count it anew (O(1), not a recount)."""
+        index = entry.item.index
+        self._changed.add(index)
+        moved = self.tally.move(index, entry.progress_label)
+        if moved and entry.state is State.FINISHED and not entry.result.outcome.is_success:
+            self.tally.failed(entry.result)
+
     async def _report_progress(self) -> None:
         while True:
             await self._clock.sleep(self._settings.progress_interval)
-            counts = Counter(entry.progress_label for entry in self._entries.values())
             self._log.info(
                 "run.progress",
-                total=len(self._entries),
+                total=self.tally.total,
                 requests=self._client.requests_sent,
-                **counts,
+                **dict(self.tally.counts()),
             )
 
     def results(self) -> tuple[ImageResult, ...]:
@@ -719,6 +740,26 @@ class Importer:
             )
         return tuple(self._entries[index].result for index in sorted(self._entries))
 
+    def interim_results(self) -> tuple[ImageResult, ...]:
+        """:meth:`results` while the run goes on: an image being imported is ``pending``."""
+        if not self._entries:
+            return self.results()
+        return tuple(_interim(self._entries[index]) for index in sorted(self._entries))
+
+    def changed_results(self) -> tuple[ImageResult, ...]:
+        """The interim results of the entries that changed since the last call."""
+        changed, self._changed = sorted(self._changed), set()
+        if not self._entries:  # before the plan: what results() says of each
+            before = {result.index: result for result in self.results()}
+            return tuple(before[index] for index in changed if index in before)
+        return tuple(_interim(self._entries[index]) for index in changed if index in self._entries)
+
+
+def _interim(entry: EntryLifecycle) -> ImageResult:
+    if not entry.done and entry.result.image_id is not None:
+        return replace(entry.result, outcome=Outcome.PENDING)
+    return entry.result
+
 
 async def run_import(
     manifest: Manifest,
@@ -733,6 +774,8 @@ async def run_import(
     prune: bool = False,
     on_plan: Callable[[RunPlan], None] | None = None,
     seed: int | None = None,
+    on_start: Callable[[RunMonitor], None] | None = None,
+    on_checkpoint: Callable[[Report], None] | None = None,
 ) -> Report:
     """Make the account hold what ``manifest`` asks for; the report says how each entry ended.
 
@@ -747,6 +790,13 @@ async def run_import(
     images whose entry left the manifest; ``on_plan`` sees the plan before anything
     is sent. Every API failure becomes part of the report; ``report.stopped`` says
     whether the run ended early, and why.
+
+    The run's report so far is recorded in the journal when the run starts, every
+    :data:`CHECKPOINT_INTERVAL` of the clock, when it starts stopping, and at the
+    end (``importer status`` reads it); ``on_checkpoint`` receives the same report
+    at each of those but the first and the last (``stopped`` is ``running`` until
+    the run stops), to rewrite outputs that a killed run should leave recent.
+    ``on_start`` receives the monitor of the run's progress as the run starts.
     """
     clock = clock or LoopClock()
     rng = random.Random(seed)  # noqa: S311 - jitter, not cryptography
@@ -779,7 +829,8 @@ async def run_import(
                 poll_interval=settings.poll_interval,
                 timeout=settings.image_timeout,
                 max_transfers=settings.max_transfers,
-                rng=rng,
+                # Its own jitter: drawing from the poller's would shift the poller's schedule.
+                rng=random.Random(None if seed is None else f"{seed}/transfers"),  # noqa: S311
             )
             importer = Importer(
                 manifest,
@@ -793,20 +844,96 @@ async def run_import(
                 on_plan=on_plan,
                 transfers=transfers,
             )
-            await importer.run(stopper)
-    return Report(
-        manifest=manifest.source,
-        api_url=settings.api_url,
-        started_at=started,
-        finished_at=clock.wall(),
-        images=importer.results(),
-        requests=client.requests_sent,
-        rate_limited=governor.rate_limited,
-        stopped=importer.stopped,
-        requests_by_endpoint=dict(client.sent),
-        set=manifest.set,
-        orphans=tuple(importer.orphans.values()),
-    )
+
+            def report(images: tuple[ImageResult, ...], stopped: str | None) -> Report:
+                return Report(
+                    manifest=manifest.source,
+                    api_url=settings.api_url,
+                    started_at=started,
+                    finished_at=clock.wall(),
+                    images=images,
+                    requests=client.requests_sent,
+                    rate_limited=governor.rate_limited,
+                    stopped=stopped,
+                    requests_by_endpoint=dict(client.sent),
+                    set=manifest.set,
+                    orphans=tuple(importer.orphans.values()),
+                )
+
+            def interim(images: tuple[ImageResult, ...]) -> Report:
+                return report(images, importer.stopped or RUNNING)
+
+            if on_start is not None:
+                on_start(
+                    RunMonitor(
+                        importer.tally,
+                        Sources(
+                            requests=lambda: client.requests_sent,
+                            rate_limited=lambda: governor.rate_limited,
+                            hour=governor.hour_usage,
+                            expected_end=poller.expected_end,
+                            stopping=lambda: importer.stopped,
+                        ),
+                        clock,
+                        started,
+                    )
+                )
+            run_id = journal.run_started(
+                _compact(interim(())), _rows(importer.changed_results()), clock.wall()
+            )
+
+            def checkpoint() -> None:
+                # The journal gets the entries that changed (a 10,000-entry run costs
+                # little each minute); the caller's outputs are whole files, rewritten.
+                journal.run_recorded(
+                    run_id,
+                    _compact(interim(())),
+                    _rows(importer.changed_results()),
+                    clock.wall(),
+                    ended=False,
+                )
+                if on_checkpoint is not None:
+                    on_checkpoint(interim(importer.interim_results()))
+
+            async with anyio.create_task_group() as checkpoints:
+                checkpoints.start_soon(_checkpoints, importer, clock, checkpoint)
+                await importer.run(stopper)
+                checkpoints.cancel_scope.cancel()
+            final = report(importer.results(), importer.stopped)
+            journal.run_recorded(
+                run_id, _compact(replace(final, images=())), _rows(final.images), clock.wall(),
+                ended=True,
+            )  # fmt: skip
+    return final
+
+
+def _compact(report: Report) -> str:
+    """JSON as the journal keeps it: the report file's, without the indentation.
+
+    The run's own fields are kept apart from its images (with ``images=()``: then
+    the summary counts nothing, and the reader counts the images it reassembles).
+    """
+    return json.dumps(report.to_json(), separators=(",", ":"))
+
+
+def _rows(images: Sequence[ImageResult]) -> list[tuple[int, str]]:
+    return [(image.index, json.dumps(image.to_json(), separators=(",", ":"))) for image in images]
+
+
+async def _checkpoints(importer: Importer, clock: Clock, checkpoint: Callable[[], None]) -> None:
+    """Record the report every :data:`CHECKPOINT_INTERVAL`, and once when the run starts stopping.
+
+    A killed run then leaves a report minutes old in the journal and the outputs;
+    the one written at the stop remains if a second signal ends the process at once.
+    """
+    stop_recorded = False
+    while True:
+        with clock.move_on_after(CHECKPOINT_INTERVAL):
+            if stop_recorded:
+                await anyio.sleep_forever()
+            await importer.stopping.wait()
+            stop_recorded = True
+        checkpoint()
 
 
 def source_reader(

@@ -384,6 +384,8 @@ class Transfers:
 
     def observe(self, images: Sequence[Image]) -> None:
         """A group listing: the regions of every image in it (whoever listed it)."""
+        if not self._regions and not self._watches:
+            return  # most listings, in a run without regions
         now = self._clock.monotonic()
         for listed in images:
             if listed.id in self._regions:
