@@ -266,12 +266,13 @@ class Transfers:
             scope.cancel()
             return
         if problem is not None:
-            problems[region] = f"transfer to {region}: {problem}"
+            problems[region] = f"transfer to {region} {problem}"
 
     async def _reach(
         self, entry: TransferRecorder, image_id: int, region: str, group: str, size: int | None
     ) -> str | None:
-        """Get the image into ``region``; what went wrong if it did not get there."""
+        """Get the image into ``region``; what went wrong if it did not get there
+        (``failed: <why>``, or ``not done within ...``)."""
         row = self._journal.transfer(entry.tag, region)
         resume = (
             row if row is not None and row.image_id == image_id and row.phase.in_flight else None
@@ -290,7 +291,7 @@ class Transfers:
                 if attempts >= self._max:
                     failure = f"{error} ({attempts} attempts)"
                     entry.transfer_failed(region, failure)
-                    return failure
+                    return f"failed: {failure}"
                 attempts += 1
                 try:
                     action = await self._client.transfer(
@@ -306,7 +307,7 @@ class Transfers:
                     entry.transfer_errored(region, error, attempts)
                     if exc.status == 404:
                         entry.transfer_failed(region, "the image no longer exists")
-                        return "the image no longer exists"
+                        return "failed: the image no longer exists"
                     # Perhaps the region is there already: the next listing tells.
                     check = await self._watch(image_id, region, group, size, None, None, once=True)
                     if check is Ending.COMPLETED:
@@ -345,11 +346,11 @@ class Transfers:
             if ending is Ending.GONE:
                 gone = "the image or its transfer action is gone"
                 entry.transfer_failed(region, gone)
-                return gone
+                return f"failed: {gone}"
             if ending is Ending.LOST:
                 error = f"its answer was lost and {region} never showed"
             else:
-                error = "the transfer errored"
+                error = "the transfer action errored"
             entry.transfer_errored(region, error, attempts)
 
     # -- watching -------------------------------------------------------------------

@@ -117,20 +117,22 @@ async def test_transfers_are_journaled_reported_and_logged_region_by_region() ->
         assert journal.transfer(entry.tag, "sgp1") is None
         entry.transfer_sending("sgp1", 5)
         entry.transfer_started("sgp1", 78)
-        entry.transfer_errored("sgp1", "the transfer errored", 1)
+        entry.transfer_errored("sgp1", "the transfer action errored", 1)
         errored = journal.transfer(entry.tag, "sgp1")
         assert errored is not None
         assert errored.phase is TransferPhase.ERRORED
         entry.transferred("ams3")
-        entry.transfer_failed("sgp1", "the transfer errored (3 attempts)")
+        entry.transfer_failed("sgp1", "the transfer action errored (3 attempts)")
         failed = journal.transfer(entry.tag, "sgp1")
         assert failed is not None
         assert failed.phase is TransferPhase.FAILED
-        entry.available(image, error="transfer to sgp1: the transfer errored (3 attempts)")
+        entry.available(
+            image, error="transfer to sgp1 failed: the transfer action errored (3 attempts)"
+        )
     assert entry.result.region_states() == {
         "nyc3": "available",
         "ams3": "transferred",
-        "sgp1": "transfer_failed: the transfer errored (3 attempts)",
+        "sgp1": "transfer_failed: the transfer action errored (3 attempts)",
     }
     # ``image.unchanged`` is a debug line, which an earlier test's logging setup may filter.
     assert [e["event"] for e in logs if e["event"] != "image.unchanged"] == [

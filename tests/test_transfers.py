@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from structlog.testing import capture_logs
 
-from importer.cli import exit_code
+from importer.cli import exit_code, main
 from importer.client import ImagesClient
 from importer.clock import LoopClock
 from importer.errors import UncertainCreateError
 from importer.journal import Journal, TransferPhase
+from importer.logs import reset_logging
 from importer.manifest import Manifest
 from importer.pipeline import plan_only, run_import
 from importer.report import Outcome, Report
@@ -234,3 +237,33 @@ async def test_a_new_version_takes_the_name_only_once_it_is_in_every_region() ->
     assert max(puts) >= copy.started_mono + copy.duration
     old = [i for i in world.images.values() if i.id != new_id]
     assert [i.regions for i in old] == [["nyc3", "ams3"]]  # kept version, not copied again
+
+
+def test_the_regions_example_over_the_command_line(tmp_path: Path) -> None:
+    """``manifests/example-regions.yaml``: the plan counts 7 transfers; the run copies every
+    image where asked, reports the one region whose transfers always fail, and exits 1."""
+    example = str(Path(__file__).resolve().parents[1] / "manifests" / "example-regions.yaml")
+    runner = CliRunner()
+    try:
+        plan = runner.invoke(main, ["plan", example, "--simulate"], catch_exceptions=False)
+        assert plan.exit_code == 0
+        assert "5 to create, 0 to replace, 0 to watch, 0 unchanged, 7 to transfer" in plan.stdout
+        report_path = tmp_path / "report.json"
+        ran = runner.invoke(
+            main,
+            ["run", example, "--simulate", "--virtual-time", "--report", str(report_path)],
+            catch_exceptions=False,
+        )
+    finally:
+        reset_logging()
+    assert ran.exit_code == 1
+    data = json.loads(report_path.read_text())
+    regions = {image["name"]: image["regions"] for image in data["images"]}
+    assert regions["worker-rocky-9-2024-06"] == {"fra1": "available", "lon1": "transferred"}
+    assert regions["ci-runner-fedora-40"] == {"sfo3": "available"}
+    vpn = regions["vpn-gateway-2024-06"]
+    assert (vpn["nyc3"], vpn["ams3"]) == ("available", "transferred")
+    assert vpn["sgp1"].startswith("transfer_failed: ")
+    assert data["summary"]["regions"] == {"transfer_failed": 1, "transferred": 6}
+    assert {image["outcome"] for image in data["images"]} == {"available"}
+    assert Report.from_json(data).to_json()["images"] == data["images"]
