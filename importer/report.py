@@ -93,9 +93,11 @@ class ImageResult:
     def region_states(self) -> dict[str, str]:
         """Every region of the entry and its state, the import region first.
 
-        The import region is ``available`` once the image is, else the entry's outcome.
+        The import region is ``available`` once the image is (also when the run stopped
+        while copying it elsewhere), else the entry's outcome.
         """
-        home = "available" if self.outcome is Outcome.AVAILABLE else self.outcome.value
+        ready = self.outcome is Outcome.AVAILABLE or self.status == "available"
+        home = "available" if ready else self.outcome.value
         return {self.region: home, **dict(self.regions)}
 
     def to_json(self) -> dict[str, Any]:
