@@ -265,6 +265,10 @@ class Transfers:
             fatal.append(exc)
             scope.cancel()
             return
+        except ApiError as exc:
+            # An answer no rule foresaw: this region's failure, not the run's.
+            entry.transfer_failed(region, exc.safe_message)
+            problem = f"failed: {exc.safe_message}"
         if problem is not None:
             problems[region] = f"transfer to {region} {problem}"
 
