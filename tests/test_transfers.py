@@ -102,8 +102,9 @@ async def test_three_regions_for_50_entries_within_the_budget_on_listings_alone(
 
 
 async def test_a_failed_transfer_is_reported_for_its_region_only() -> None:
-    """``fail-transfer-sgp1``: that entry's sgp1 is ``transfer_failed`` after three tries, its
-    ams3 is transferred, the image stays available and named; the others are whole; exit 1."""
+    """``fail-transfer-sgp1``: that entry's sgp1 is ``transfer_failed`` after three tries (each
+    errored one learned from its action), its ams3 is transferred, the image stays available
+    and named; the others are whole; exit 1."""
     urls = [*image_urls(3), "https://images.example.com/odd-fail-transfer-sgp1.qcow2"]
     document = in_regions(manifest_of(*urls), THREE)
     async with run_simulator(SimulatorConfig.demo()) as sim:
@@ -123,6 +124,10 @@ async def test_a_failed_transfer_is_reported_for_its_region_only() -> None:
     assert (image.status, image.name, image.regions) == ("available", "img-3", ["nyc3", "ams3"])
     to_sgp1 = [a for a in world.actions.values() if a.image_id == image.id and a.region == "sgp1"]
     assert len(to_sgp1) == 3  # max_transfers
+    # A listing cannot tell an errored copy from a slow one: each errored attempt is learned
+    # from its action, the fallback, and nothing else is read by id.
+    assert world.request_counts[ACTION_READS] == 3
+    assert world.request_counts["GET /v2/images/{id}"] == 0
     assert report.to_json()["summary"]["regions"] == {"transfer_failed": 1, "transferred": 7}
     assert exit_code(report) == 1
     failed = [e for e in logs if e["event"] == "image.transfer_failed"]
