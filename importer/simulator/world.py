@@ -33,6 +33,7 @@ from importer.catalog import (
 )
 from importer.clock import Clock, isoformat
 from importer.simulator.config import SimulatorConfig
+from importer.simulator.listing import ListingIndex
 
 Json = dict[str, Any]
 
@@ -294,6 +295,7 @@ class World:
         self._next_image_id = FIRST_IMAGE_ID
         self._next_action_id = FIRST_ACTION_ID
         self._request_seq = 0
+        self._listing = ListingIndex()
 
     # -- requests -------------------------------------------------------------
 
@@ -449,6 +451,7 @@ class World:
         )
         self._next_image_id += 1
         self.images[image.id] = image
+        self._listing.add(image)
         return image
 
     def plan_import(self, name: str, url: str) -> ImportPlan:
@@ -550,6 +553,7 @@ class World:
         image = self.get_image(image_id)
         image.deleted_by_user = True
         image.deleted_mono = self.clock.monotonic()
+        self._listing.deleted(image)
 
     def list_images(self, query: Mapping[str, str]) -> ImagePage:
         """``GET /v2/images``: visible images by ascending id, one page of them.
@@ -559,26 +563,26 @@ class World:
         ``application``) never matches a custom image. ``per_page`` outside
         1..200 or ``page`` < 1 answer 422 rather than being clamped, so a client
         bug shows up in tests (what the real API does there is not documented).
+        A call costs about its page, not every image: see :mod:`importer.simulator.listing`.
         """
         per_page = _int_param(query, "per_page", PER_PAGE_DEFAULT, PER_PAGE_MAX)
         page = _int_param(query, "page", 1, None)
-        tag = query.get("tag_name")
-        show_in_progress = self.config.list_in_progress
-        matching = [
-            image
-            for _, image in sorted(self.images.items())
-            if "type" not in query
-            and not image.deleted_by_user
-            and (image.status == "available" or (show_in_progress and image.status != "deleted"))
-            and (tag is None or tag in image.tags)
-        ]
-        start = (page - 1) * per_page
+        images: list[SimImage] = []
+        total = 0
+        if "type" not in query:
+            images, total = self._listing.page(
+                query.get("tag_name"),
+                self.config.list_in_progress,
+                page,
+                per_page,
+                self.clock.monotonic(),
+            )
         return ImagePage(
-            images=matching[start : start + per_page],
-            total=len(matching),
+            images=images,
+            total=total,
             page=page,
             per_page=per_page,
-            last_page=max(1, math.ceil(len(matching) / per_page)),
+            last_page=max(1, math.ceil(total / per_page)),
         )
 
     def image_json(self, image: SimImage) -> Json:
