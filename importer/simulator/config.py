@@ -36,6 +36,8 @@ class SimulatorConfig:
         failure_rate: fraction of images that fail asynchronously at random.
         stuck_rate: fraction of images that never leave ``NEW`` or ``pending``.
         transfer_seconds, transfer_seconds_per_gib: duration of a ``transfer`` action.
+        head_latency: seconds the file host takes to answer a ``HEAD`` (a real image
+            host is a network away; 0 answers at once).
 
     Rate limits (per token, sliding logs):
         per_minute: requests allowed within any ``minute_window``.
@@ -71,6 +73,7 @@ class SimulatorConfig:
     stuck_rate: float = 0.0
     transfer_seconds: float = 2.0
     transfer_seconds_per_gib: float = 0.25
+    head_latency: float = 0.0
 
     per_minute: int = 250
     per_hour: int = 5000
@@ -97,7 +100,7 @@ class SimulatorConfig:
                 raise ValueError(f"SimulatorConfig.{name} must be within [0, 1], got {value!r}")
         durations = (
             "new_seconds", "pending_seconds", "seconds_per_gib", "fail_fast_seconds",
-            "transfer_seconds", "transfer_seconds_per_gib", "slow_seconds",
+            "transfer_seconds", "transfer_seconds_per_gib", "slow_seconds", "head_latency",
         )  # fmt: skip
         for name in durations:
             value = getattr(self, name)
