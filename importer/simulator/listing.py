@@ -84,7 +84,7 @@ class _Counts:
         return position + 1
 
 
-@dataclass
+@dataclass(slots=True)
 class _Tag:
     """The images with one tag (or all images, for ``None``), in id order."""
 
@@ -93,7 +93,7 @@ class _Tag:
     counts: tuple[_Counts, _Counts] | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     image: SimImage
     #: Its 1-based position in each large tag that holds it.
