@@ -14,7 +14,11 @@ covers what manifests are made of: mappings, lists and untagged scalars. Anythin
 deep nesting, or any error) is left to the full strict loader, on libyaml's parser when it
 can build the document, and otherwise on the pure-Python one. So every error message, and
 every position in one, is the pure-Python loader's whether or not libyaml is installed,
-and libyaml only ever decides how fast a valid document is read.
+and libyaml only decides how fast a valid document is read. Where libyaml is more lenient
+than PyYAML (tabs between tokens, a byte order mark inside the text, ``?`` inside a flow
+scalar, a comment glued to a block scalar's header, a lone ``!`` tag), the document goes
+to the pure-Python loader, so that both accept the same documents: tests/test_strict_yaml.py
+holds them to it on generated documents and on text made of YAML's indicators.
 """
 
 from __future__ import annotations
