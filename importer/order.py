@@ -9,9 +9,10 @@ submitting overlap: :class:`LargestFirst` receives each entry as its size become
 known (:meth:`~LargestFirst.add`) and hands out, each time a create may go
 (:meth:`~LargestFirst.next`), the largest known entry not yet handed out. It waits
 only while nothing is known and probes are still running, and at the very start for
-a short ``grace``, so that the first creates choose among a few hundred answers
-rather than the first dozen. Entries whose size could not be learned go before the
-sized ones (one of them may be the largest), in the order they came.
+a short ``grace``, so that the first creates choose among every answer of a small
+manifest, and among a thousand or so of a large one, rather than the first dozen.
+Entries whose size could not be learned go before the sized ones (one of them may be
+the largest), in the order they came.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from importer.clock import Clock
 
 T = TypeVar("T")
 
-#: Seconds the first create waits for more sizes (unless every probe answered sooner).
-GRACE = 2.0
+#: Seconds the first create waits for more sizes (unless every probe answered sooner):
+#: the first minute's creates all leave at once, and a file learned of just after them
+#: waits for the next minute. A manifest probed within this time is wholly sorted.
+GRACE = 10.0
 
 
 class LargestFirst(Generic[T]):

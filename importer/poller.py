@@ -404,7 +404,7 @@ class StatusPoller:
         while True:
             self._retune(self._clock.monotonic())
             due = self._pop_due()
-            if due and not self.model.ready:
+            if due and not self.model.samples:
                 due = self._before_learning(due)
             if not due:
                 await self._sleep_until_next()
@@ -447,18 +447,19 @@ class StatusPoller:
                         self._schedule(watch, max(self._next_check(watch, now), watch.due))
 
     def _before_learning(self, due: list[_Watch]) -> list[_Watch]:
-        """Until imports are seen to finish, one group listing per interval in all.
+        """Until an import is seen to finish, one group listing per interval in all.
 
         Nothing is known of how long imports take, and minutes may pass before the
         first finishes: listing every group at every check would spend a request per
-        group and interval to learn nothing. Groups take turns, the one due first
-        first; the others wait for the next turn.
+        group and interval to learn nothing. Groups take turns, the one listed longest
+        ago (or never) first; the others wait for the next turn. Once one import is seen
+        finished, others may have too: every group is checked at once (:meth:`_saw`).
         """
         if len(self._groups) <= 1:
             return due  # one group: its own schedule already lists it once per interval
         now = self._clock.monotonic()
         turn = self._learning_turn + self._interval
-        chosen = None if now < turn else min(due, key=lambda w: (w.due, w.submitted)).group
+        chosen = None if now < turn else min(due, key=self._listed_longest_ago).group
         kept = [watch for watch in due if watch.group == chosen]
         if chosen is not None:
             self._learning_turn = now
@@ -467,6 +468,11 @@ class StatusPoller:
             if watch.group != chosen:
                 self._set_due(watch, max(turn, watch.due))
         return kept
+
+    def _listed_longest_ago(self, watch: _Watch) -> tuple[float, float]:
+        stats = self._groups.get(watch.group)
+        listed = stats.next_listing if stats is not None else None
+        return (-math.inf if listed is None else listed, watch.submitted)
 
     async def _sleep_until_next(self) -> None:
         self._changed = anyio.Event()
@@ -636,19 +642,21 @@ class StatusPoller:
                 # It finished between the last check that saw it unfinished and now.
                 finished = (watch.last_unfinished + now) / 2
                 learning = not self.model.ready
+                first = not self.model.samples
                 self.model.observe(watch.size, finished - watch.submitted)
-                if learning and self.model.ready:
+                if first or (learning and self.model.ready):
                     self._reschedule_all(now)
             self._resolve(watch, image)
         else:
             watch.last_unfinished = now
 
     def _reschedule_all(self, now: float) -> None:
-        """Now that imports are known to take so long, check each image when it may be done."""
-        self._log.info("poll.learned", samples=DurationModel.MIN_SAMPLES)
+        """Imports were seen to finish: check each image when it may be done (at once,
+        until enough have finished to tell how long they take)."""
+        self._log.info("poll.learned", samples=self.model.samples, ready=self.model.ready)
         for watch in self._watches.values():
             if not watch.done.is_set():
-                self._schedule(watch, self._first_check(watch, now))
+                self._schedule(watch, self._first_check(watch, now) if self.model.ready else now)
 
     def _resolve(self, watch: _Watch, result: Image | BaseException) -> None:
         if not watch.done.is_set():
