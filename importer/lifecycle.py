@@ -218,7 +218,7 @@ class EntryLifecycle:
         self.item = item
         self._journal = journal
         self._clock = clock
-        self.log: Log = log.bind(index=item.index, name=item.entry.name, region=item.entry.region)
+        self._log = log
         self.state = State.PLANNED
         self._turn = Turn()
         version = item.version
@@ -235,6 +235,13 @@ class EntryLifecycle:
         )
 
     # -- reading --------------------------------------------------------------------
+
+    @property
+    def log(self) -> Log:
+        """The run's logger, bound to this entry (bound anew each time: a few events per
+        entry, and a run of 50,000 entries keeps no logger per entry)."""
+        entry = self.item.entry
+        return self._log.bind(index=entry.index, name=entry.name, region=entry.region)
 
     @property
     def result(self) -> ImageResult:

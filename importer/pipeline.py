@@ -363,6 +363,7 @@ class Importer:
             assert decision.image is not None
             entry.unchanged(decision.image)
             entry.available(decision.image)
+            self._known.pop(entry.tag, None)
         else:
             # Watching or rotating needs no turn to submit.
             images.start_soon(self._import_one, entry, Turn())
@@ -419,6 +420,10 @@ class Importer:
             await self._import(entry)
         finally:
             entry.close()
+            if entry.done:
+                # What the account showed of the entry served its decisions; a large
+                # run must not keep every image's last answer to the end.
+                self._known.pop(entry.tag, None)
 
     async def _import(self, entry: EntryLifecycle) -> None:
         decision: Decision | None = entry.item.decision

@@ -83,7 +83,7 @@ def fallback_version(entry: Entry) -> Version:
     return Version.from_url(entry.url)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PlannedImport:
     """One manifest entry, its action and what the create carries."""
 
@@ -303,7 +303,7 @@ class SourceFacts(Protocol):
     def error(self) -> str | None: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KnownSource:
     """A source known without asking its host (sizes alone, a checksum, the URL)."""
 

@@ -75,6 +75,9 @@ LISTINGS_PER_GROUP = 1.5
 PRIOR_SPREAD = 0.25
 #: ...and chosen again this often (seconds).
 RETUNE_EVERY = 60.0
+#: Finished groups whose lives the budget counts on, once this many (of the latest kept).
+MIN_LIVES = 3
+LIVES_KEPT = 50
 
 
 class StatusBudget(Protocol):
@@ -187,6 +190,11 @@ class _Group:
     largest: int | None = None
     #: When the group is listed next, once it has been listed.
     next_listing: float | None = None
+    #: When a listing of it first showed a finished import...
+    first_found: float | None = None
+    #: ...the listings since, and the poll intervals they were made at, summed.
+    listings: int = 0
+    intervals: float = 0.0
 
     def add(self, watch: _Watch) -> None:
         self.members[watch.image_id] = watch
@@ -235,6 +243,9 @@ class StatusPoller:
         self._log = structlog.get_logger("importer.poller")
         self._watches: dict[int, _Watch] = {}
         self._groups: dict[str, _Group] = {}
+        # How long finished groups needed listing, relative to the fitted import of their
+        # largest file: what the budget counts on for the groups to come.
+        self._lives: deque[float] = deque(maxlen=LIVES_KEPT)
         self._queue: list[tuple[float, int, int]] = []  # (due, sequence, image id)
         self._sequence = itertools.count()
         self._changed = anyio.Event()
@@ -286,6 +297,7 @@ class StatusPoller:
             members.members.pop(image_id, None)
             if not members.members and self._groups.get(group) is members:
                 del self._groups[group]
+                self._group_done(members)
         if isinstance(watch.result, BaseException):
             raise watch.result
         assert watch.result is not None
@@ -333,23 +345,52 @@ class StatusPoller:
             self._log.info("poll.interval", seconds=round(interval, 1), creates_left=creates)
             self._interval = interval
 
+    def _group_done(self, stats: _Group) -> None:
+        """A group has no image left to wait for: note how many listings it needed from
+        the one that first found an import finished (those before are few, and before
+        imports are learned, no measure of a group), times the interval they were made
+        at, relative to the fitted import of its largest file."""
+        if not self.model.ready or not stats.listings:
+            return
+        self._lives.append(stats.intervals / self.model.fit(stats.largest))
+
     def _listings_left(self, now: float, creates: int) -> tuple[float, float]:
-        """Listings the run still needs, as ``fixed + spread / interval``."""
-        tail = self._tail_ratio(now)
+        """Listings the run still needs, as ``fixed + spread / interval``.
+
+        Per group, a listing or two and one per interval of its life: as many as finished
+        groups needed (on average, relative to their imports' length and scaled by the
+        interval), once a few have finished; until then, the life from the duration
+        model and ``PRIOR_SPREAD``.
+        """
+        measured = len(self._lives) >= MIN_LIVES
+        ratio = tail = 0.0
+        if measured:
+            ratio = sum(self._lives) / len(self._lives)
+        else:
+            tail = self._tail_ratio(now)
         fixed = spread = 0.0
         smallest: int | None = None
         submitting = 0.0
         for stats in self._groups.values():
-            start, end = self._group_span(stats, now, tail)
-            fixed += LISTINGS_PER_GROUP
-            spread += end - start
+            if measured:
+                life = ratio * self.model.fit(stats.largest)
+                if stats.first_found is None:
+                    fixed += LISTINGS_PER_GROUP
+                spread += max(0.0, life - stats.intervals)
+            else:
+                fixed += LISTINGS_PER_GROUP
+                start, end = self._group_span(stats, now, tail)
+                spread += end - start
             submitting = max(submitting, stats.last_submitted - stats.first_submitted)
             if stats.smallest is not None:
                 smallest = stats.smallest if smallest is None else min(smallest, stats.smallest)
         # Groups to come hold files no larger than those in flight (largest first).
         groups = math.ceil(creates / PER_PAGE_MAX)
         model = self.model
-        life = model.fit(smallest) * tail - self._early(smallest) + submitting
+        if measured:
+            life = ratio * model.fit(smallest)
+        else:
+            life = model.fit(smallest) * tail - self._early(smallest) + submitting
         return fixed + LISTINGS_PER_GROUP * groups, spread + groups * max(0.0, life)
 
     def _tail_ratio(self, now: float) -> float:
@@ -451,15 +492,15 @@ class StatusPoller:
 
         Nothing is known of how long imports take, and minutes may pass before the
         first finishes: listing every group at every check would spend a request per
-        group and interval to learn nothing. Groups take turns, the one listed longest
-        ago (or never) first; the others wait for the next turn. Once one import is seen
+        group and interval to learn nothing. Groups take turns, the one due the longest
+        first; the others wait for the next turn. Once one import is seen
         finished, others may have too: every group is checked at once (:meth:`_saw`).
         """
         if len(self._groups) <= 1:
             return due  # one group: its own schedule already lists it once per interval
         now = self._clock.monotonic()
         turn = self._learning_turn + self._interval
-        chosen = None if now < turn else min(due, key=self._listed_longest_ago).group
+        chosen = None if now < turn else min(due, key=self._waiting_longest).group
         kept = [watch for watch in due if watch.group == chosen]
         if chosen is not None:
             self._learning_turn = now
@@ -469,10 +510,16 @@ class StatusPoller:
                 self._set_due(watch, max(turn, watch.due))
         return kept
 
-    def _listed_longest_ago(self, watch: _Watch) -> tuple[float, float]:
+    def _waiting_longest(self, watch: _Watch) -> tuple[float, float]:
+        """Since when a group has been due: since its next listing came due, or for one
+        never listed, since its first check came due."""
         stats = self._groups.get(watch.group)
-        listed = stats.next_listing if stats is not None else None
-        return (-math.inf if listed is None else listed, watch.submitted)
+        if stats is None:
+            return (watch.due, watch.submitted)
+        due = stats.next_listing
+        if due is None:
+            due = stats.first_submitted + self._first_poll
+        return (due, watch.submitted)
 
     async def _sleep_until_next(self) -> None:
         self._changed = anyio.Event()
@@ -515,11 +562,17 @@ class StatusPoller:
         if self.on_listed is not None:
             self.on_listed(images)
         now = self._clock.monotonic()
+        stats = self._groups.get(group)
         for image in images:
             watch = self._watches.get(image.id)
             if watch is not None and not watch.done.is_set():
                 watch.listed_at = now
                 self._saw(watch, image, now)
+                if stats is not None and stats.first_found is None and watch.done.is_set():
+                    stats.first_found = now
+        if stats is not None and stats.first_found is not None:
+            stats.listings += 1
+            stats.intervals += self._interval
         # This listing checked the whole group: none of it is due again before the
         # next interval, so a group is listed at most once per interval.
         next_listing = now + self._interval * self._rng.uniform(0.9, 1.1)

@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from importer.clock import LoopClock
-from importer.order import LargestFirst
+from importer.order import GRACE, LargestFirst
 from importer.pipeline import run_import
 from importer.report import Outcome
 from importer.simulator import SimulatorConfig, World, run_simulator
@@ -132,15 +132,15 @@ async def slow_file_host(
 
 @pytest.mark.anyio
 async def test_creates_start_before_the_last_head_and_take_the_largest_known() -> None:
-    """240 sources answering HEAD in 1 s each, 16 at a time (15 s in all): the first create
-    leaves seconds after the start, not after the last answer, and every create takes the
+    """240 sources answering HEAD in 2 s each, 16 at a time (30 s in all): the first create
+    leaves after the 10 s grace, not after the last answer, and every create takes the
     largest file known and not yet submitted when it leaves."""
     config = SimulatorConfig.demo(seed=3, per_minute=10_000, per_hour=100_000)
     clock = LoopClock()
     async with run_simulator(config, clock) as sim:
         names = [f"img-{i:03d}.qcow2" for i in range(240)]
         manifest = manifest_of(*(f"https://images.example.com/{name}" for name in names))
-        async with slow_file_host(sim.world, latency=1.0) as (host, answered):
+        async with slow_file_host(sim.world, latency=2.0) as (host, answered):
             prober = SourceProber(clock, rewrite=lambda url: f"{host}/{url.rsplit('/', 1)[-1]}")
             settings = settings_for(sim.base_url, per_minute=10_000, per_hour=100_000)
             started = clock.wall()
@@ -149,8 +149,8 @@ async def test_creates_start_before_the_last_head_and_take_the_largest_known() -
     assert {result.outcome for result in report.images} == {Outcome.AVAILABLE}
     known_at = dict(answered)
     created = sorted(world.images.values(), key=lambda image: (image.created_at, image.id))
-    assert created[0].created_at - started < 5.0
-    assert max(known_at.values()) - started > 14.0
+    assert created[0].created_at - started == pytest.approx(GRACE, abs=1.0)
+    assert max(known_at.values()) - started > 28.0
     # Creates that leave together may reach the API in any order: what counts is that no
     # larger file, known before, was still waiting when a create left.
     created_by = {image.url.rsplit("/", 1)[-1]: image.created_at for image in created}
