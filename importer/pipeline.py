@@ -34,10 +34,11 @@ this module only orchestrates.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import random
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 
 import anyio
@@ -891,6 +892,7 @@ async def run_import(
     )
     started = clock.wall()
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_collector_for_a_run())
         if journal is None:
             journal = stack.enter_context(Journal(settings.state_path or MEMORY))
         async with ImagesClient.open(settings, governor, clock, rng=rng) as client:
@@ -991,6 +993,29 @@ async def run_import(
                 ended=True,
             )  # fmt: skip
     return final
+
+
+#: The collector's youngest generation is collected after this many allocations (Python's
+#: default: 700) while a run lasts.
+RUN_GC_THRESHOLD = 10_000
+
+
+@contextlib.contextmanager
+def _collector_for_a_run() -> Iterator[None]:
+    """Collect garbage less often while a run lasts, then as before.
+
+    Each request allocates many short-lived objects, and a run keeps one entry's state
+    per image: with the default thresholds the collector ran some 3,000 times in a run
+    of 10,000 images, promoting short-lived objects and sweeping the long-lived state
+    again and again (a fifth of the run's CPU). Collected every 10,000 allocations,
+    most of those objects are gone before a collection looks at them.
+    """
+    before = gc.get_threshold()
+    gc.set_threshold(max(before[0], RUN_GC_THRESHOLD), *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
 
 
 def _compact(report: Report) -> str:

@@ -64,10 +64,14 @@ GIB = 1024**3
 #: How far ahead a forecast looks: the longest a request counts in DigitalOcean's window.
 FORECAST_HORIZON = 2 * 3600.0
 #: The interval is stretched to at most this many times ``poll_interval``...
-MAX_STRETCH = 2.0
+MAX_STRETCH = 3.0
 #: ...even when that falls short of the budget by up to this factor (a forecast errs)...
 HOPELESS = 1.5
-#: ...counting per group, besides one listing per interval of its life, this many.
+#: ...aiming at this share of it, less this many requests.
+BUDGET_MARGIN = 0.9
+BUDGET_CUSHION = 20.0
+#: ...counting per group, besides one listing per interval of its life, this many (until
+#: groups have finished, and what they needed is known).
 LISTINGS_PER_GROUP = 1.5
 #: The budget assumes imports differ by at least this much from the fit, either way:
 #: the first to finish are the quickest, and alone they would promise short lives to
@@ -190,6 +194,8 @@ class _Group:
     largest: int | None = None
     #: When the group is listed next, once it has been listed.
     next_listing: float | None = None
+    #: Listings of it in all.
+    listed: int = 0
     #: When a listing of it first showed a finished import...
     first_found: float | None = None
     #: ...the listings since, and the poll intervals they were made at, summed.
@@ -246,6 +252,8 @@ class StatusPoller:
         # How long finished groups needed listing, relative to the fitted import of their
         # largest file: what the budget counts on for the groups to come.
         self._lives: deque[float] = deque(maxlen=LIVES_KEPT)
+        # And how many listings each needed before one found an import finished.
+        self._before_found: deque[int] = deque(maxlen=LIVES_KEPT)
         self._queue: list[tuple[float, int, int]] = []  # (due, sequence, image id)
         self._sequence = itertools.count()
         self._changed = anyio.Event()
@@ -332,7 +340,8 @@ class StatusPoller:
         slowest = MAX_STRETCH * fastest
         interval = fastest
         if creates > 0:
-            spare = self._budget.spare(creates)
+            # A margin: checks beyond the budget cost an hour, below it only some lag.
+            spare = self._budget.spare(creates) * BUDGET_MARGIN - BUDGET_CUSHION
             # Listings left: `fixed` plus `spread` seconds of groups' lives over the interval.
             fixed, spread = self._listings_left(now, creates)
             if fixed + spread / fastest > spare:
@@ -353,6 +362,7 @@ class StatusPoller:
         if not self.model.ready or not stats.listings:
             return
         self._lives.append(stats.intervals / self.model.fit(stats.largest))
+        self._before_found.append(stats.listed - stats.listings)
 
     def _listings_left(self, now: float, creates: int) -> tuple[float, float]:
         """Listings the run still needs, as ``fixed + spread / interval``.
@@ -364,8 +374,10 @@ class StatusPoller:
         """
         measured = len(self._lives) >= MIN_LIVES
         ratio = tail = 0.0
+        first = LISTINGS_PER_GROUP
         if measured:
             ratio = sum(self._lives) / len(self._lives)
+            first = sum(self._before_found) / len(self._before_found)
         else:
             tail = self._tail_ratio(now)
         fixed = spread = 0.0
@@ -375,7 +387,7 @@ class StatusPoller:
             if measured:
                 life = ratio * self.model.fit(stats.largest)
                 if stats.first_found is None:
-                    fixed += LISTINGS_PER_GROUP
+                    fixed += max(0.0, first - stats.listed)
                 spread += max(0.0, life - stats.intervals)
             else:
                 fixed += LISTINGS_PER_GROUP
@@ -391,7 +403,7 @@ class StatusPoller:
             life = ratio * model.fit(smallest)
         else:
             life = model.fit(smallest) * tail - self._early(smallest) + submitting
-        return fixed + LISTINGS_PER_GROUP * groups, spread + groups * max(0.0, life)
+        return fixed + first * groups, spread + groups * max(0.0, life)
 
     def _tail_ratio(self, now: float) -> float:
         """How slow, relative to the fit, the slowest imports of this run are.
@@ -484,8 +496,10 @@ class StatusPoller:
                     due_ids.discard(watch.image_id)
                 for watch in due:
                     if watch.image_id in due_ids and not watch.done.is_set():
-                        # Never before its group's next listing (set by the check above).
-                        self._schedule(watch, max(self._next_check(watch, now), watch.due))
+                        # Never before its group's next listing (set by the check above),
+                        # jitter included: a group is listed once per interval, not sooner.
+                        when = self._jittered(self._next_check(watch, now))
+                        self._set_due(watch, max(when, watch.due))
 
     def _before_learning(self, due: list[_Watch]) -> list[_Watch]:
         """Until an import is seen to finish, one group listing per interval in all.
@@ -570,9 +584,11 @@ class StatusPoller:
                 self._saw(watch, image, now)
                 if stats is not None and stats.first_found is None and watch.done.is_set():
                     stats.first_found = now
-        if stats is not None and stats.first_found is not None:
-            stats.listings += 1
-            stats.intervals += self._interval
+        if stats is not None:
+            stats.listed += 1
+            if stats.first_found is not None:
+                stats.listings += 1
+                stats.intervals += self._interval
         # This listing checked the whole group: none of it is due again before the
         # next interval, so a group is listed at most once per interval.
         next_listing = now + self._interval * self._rng.uniform(0.9, 1.1)
@@ -758,8 +774,10 @@ class StatusPoller:
         return when
 
     def _schedule(self, watch: _Watch, when: float) -> None:
-        jitter = (when - self._clock.monotonic()) * self._rng.uniform(-0.1, 0.1)
-        self._set_due(watch, when + jitter)
+        self._set_due(watch, self._jittered(when))
+
+    def _jittered(self, when: float) -> float:
+        return when + (when - self._clock.monotonic()) * self._rng.uniform(-0.1, 0.1)
 
     def _set_due(self, watch: _Watch, when: float) -> None:
         watch.due = when

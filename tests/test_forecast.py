@@ -114,10 +114,11 @@ class _Budget:
 
 @pytest.mark.anyio
 async def test_the_interval_is_stretched_when_checks_would_cost_creates_an_hour() -> None:
-    """2,000 creates to come make ten groups, whose checks need 65 requests at 30 s and 40 at
-    60 s (imports learned to take 300 s, assumed to differ by 25% either way). Ample budget:
-    the interval stays; 50 spare: stretched to fit; 35: twice the interval, the most, short
-    by little; 20: hopeless, the creates wait for the next hour whatever is done."""
+    """2,000 creates to come make ten groups, whose checks need 15 + 1,500/I requests at an
+    interval of I s (imports learned to take 300 s, assumed to differ by 25% either way),
+    within 90% of what the governor says is spare, less 20. Ample budget: the interval
+    stays; 80 spare (52 aimed at): stretched to 1,500/37 s; 50: three times the interval,
+    the most, short by little; 35: hopeless, the creates wait for the next hour anyway."""
     clock = FakeClock()
     poller = StatusPoller(_Images(), clock, first_poll=60.0, poll_interval=30.0)  # type: ignore[arg-type]
     budget = _Budget(math.inf)
@@ -125,15 +126,15 @@ async def test_the_interval_is_stretched_when_checks_would_cost_creates_an_hour(
     _learned(poller)
     poller._retune(clock.monotonic())
     assert poller.interval == 30.0
+    budget.value = 80.0
+    clock.advance(61.0)
+    poller._retune(clock.monotonic())
+    assert poller.interval == pytest.approx(1500.0 / 37.0)
     budget.value = 50.0
     clock.advance(61.0)
     poller._retune(clock.monotonic())
-    assert poller.interval == pytest.approx(1500.0 / 35.0)
+    assert poller.interval == 90.0
     budget.value = 35.0
-    clock.advance(61.0)
-    poller._retune(clock.monotonic())
-    assert poller.interval == 60.0
-    budget.value = 20.0
     clock.advance(61.0)
     poller._retune(clock.monotonic())
     assert poller.interval == 30.0
