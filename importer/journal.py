@@ -9,6 +9,11 @@ the state before the write or the state after it, never half of it.
 Rows are keyed by the entry tag (see :mod:`importer.plan`), so one state file
 can serve several manifests, and a rerun of a manifest finds its entries again.
 
+Deletions are journaled the same way: the intent before the ``DELETE`` leaves
+(:meth:`Journal.deleting`), the result once it is known
+(:meth:`Journal.deletion_result`), so that a kill while a ``DELETE`` is on the
+wire still leaves its image id for the report.
+
 One process at a time: :class:`Journal` holds an exclusive ``flock`` on
 ``<state>.lock`` for as long as it is open; the kernel releases it when the
 process dies, however it dies.
@@ -47,10 +52,23 @@ CREATE TABLE IF NOT EXISTS entries (
     first_sent_at REAL,
     submitted_at  REAL,
     finished_at   REAL,
-    updated_at    REAL
+    updated_at    REAL,
+    last_sent_at  REAL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS deletions (
+    image_id   INTEGER PRIMARY KEY,
+    tag        TEXT NOT NULL,
+    reason     TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    error      TEXT,
+    updated_at REAL
+);
+CREATE INDEX IF NOT EXISTS deletions_by_tag ON deletions(tag);
 """
+#: Columns added since schema 1 without changing its meaning: added in place to an
+#: older file (an older importer reading a newer file ignores them).
+_ADDED_COLUMNS = {"last_sent_at": "REAL"}
 
 
 class Phase(StrEnum):
@@ -62,6 +80,36 @@ class Phase(StrEnum):
     SUBMITTED = "submitted"
     #: Nothing more will be done for this entry (see ``outcome``).
     FINISHED = "finished"
+
+
+class DeletionState(StrEnum):
+    """Where one ``DELETE`` of an image stands."""
+
+    #: Journaled before the request left: the image may be deleted or not.
+    SENDING = "sending"
+    #: The API answered 204.
+    DELETED = "deleted"
+    #: The API answered 404: gone already (perhaps by an earlier attempt of ours).
+    GONE = "gone"
+    #: The API refused it (a 4xx such as 422 while the image still imports): not deleted.
+    REFUSED = "refused"
+
+    @property
+    def may_be_deleted(self) -> bool:
+        """Whether the image may be gone by our hand: the report must name it."""
+        return self is not DeletionState.REFUSED
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """One image an entry set out to delete, and what became of the ``DELETE``."""
+
+    image_id: int
+    tag: str
+    #: Why: ``duplicate`` (an extra copy made by a create whose answer was lost).
+    reason: str
+    state: DeletionState
+    error: str | None
 
 
 @dataclass(frozen=True)
@@ -81,12 +129,17 @@ class EntryState:
     error: str | None
     creates_sent: int
     uncertain: int
+    #: Extra copies deleted, or being deleted (a ``DELETE`` journaled and not
+    #: refused): every one the report must name.
     duplicates: tuple[int, ...]
     #: When the first create for this entry left (wall time): no image of the
     #: entry's created before then can be one of ours.
     first_sent_at: float | None
     submitted_at: float | None
     finished_at: float | None
+    #: When the latest create for this entry left (wall time): what reconciling
+    #: an uncertain create waits from, across runs.
+    last_sent_at: float | None = None
 
 
 class Journal:
@@ -107,6 +160,7 @@ class Journal:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
             self._check_version()
+            self._add_columns()
         except sqlite3.DatabaseError as exc:
             self.close()
             raise StateFileError(
@@ -125,12 +179,19 @@ class Journal:
                 f"schema version {row['value']}, expected {_SCHEMA_VERSION}"
             )
 
+    def _add_columns(self) -> None:
+        present = {row["name"] for row in self._db.execute("PRAGMA table_info(entries)")}
+        for name, kind in _ADDED_COLUMNS.items():
+            if name not in present:
+                self._db.execute(f"ALTER TABLE entries ADD COLUMN {name} {kind}")
+
     # -- reading --------------------------------------------------------------------
 
     def get(self, tag: str) -> EntryState | None:
         row = self._db.execute("SELECT * FROM entries WHERE tag = ?", (tag,)).fetchone()
         if row is None:
             return None
+        named = {d.image_id for d in self.deletions(tag) if d.state.may_be_deleted}
         return EntryState(
             tag=row["tag"],
             name=row["name"],
@@ -143,10 +204,27 @@ class Journal:
             error=row["error"],
             creates_sent=row["creates_sent"],
             uncertain=row["uncertain"],
-            duplicates=tuple(json.loads(row["duplicates"])),
+            duplicates=tuple(sorted({*json.loads(row["duplicates"]), *named})),
             first_sent_at=row["first_sent_at"],
             submitted_at=row["submitted_at"],
             finished_at=row["finished_at"],
+            last_sent_at=row["last_sent_at"],
+        )
+
+    def deletions(self, tag: str) -> tuple[Deletion, ...]:
+        """The images ``tag``'s entry set out to delete, by id."""
+        rows = self._db.execute(
+            "SELECT * FROM deletions WHERE tag = ? ORDER BY image_id", (tag,)
+        ).fetchall()
+        return tuple(
+            Deletion(
+                image_id=row["image_id"],
+                tag=row["tag"],
+                reason=row["reason"],
+                state=DeletionState(row["state"]),
+                error=row["error"],
+            )
+            for row in rows
         )
 
     # -- writing --------------------------------------------------------------------
@@ -157,13 +235,14 @@ class Journal:
         """A create for ``tag`` is about to leave: from here on it may exist."""
         self._db.execute(
             "INSERT INTO entries(tag, name, region, group_tag, phase, creates_sent,"
-            " first_sent_at, updated_at) VALUES (?, ?, ?, ?, 'creating', 1, ?, ?)"
+            " first_sent_at, last_sent_at, updated_at)"
+            " VALUES (?, ?, ?, ?, 'creating', 1, ?, ?, ?)"
             " ON CONFLICT(tag) DO UPDATE SET phase='creating', image_id=NULL, status=NULL,"
             " outcome=NULL, error=NULL, creates_sent=creates_sent+1,"
             " group_tag=COALESCE(excluded.group_tag, group_tag),"
             " first_sent_at=COALESCE(first_sent_at, excluded.first_sent_at),"
-            " updated_at=excluded.updated_at",
-            (tag, name, region, group, now, now),
+            " last_sent_at=excluded.last_sent_at, updated_at=excluded.updated_at",
+            (tag, name, region, group, now, now, now),
         )
 
     def not_sent(self, tag: str) -> None:
@@ -201,6 +280,25 @@ class Journal:
 
     def duplicates(self, tag: str, image_ids: tuple[int, ...], now: float) -> None:
         self._update(tag, now, "duplicates=?", json.dumps(sorted(image_ids)))
+
+    def deleting(self, tag: str, image_id: int, now: float, reason: str = "duplicate") -> None:
+        """A ``DELETE`` of ``image_id`` is about to leave: from here on it may be gone."""
+        self._db.execute(
+            "INSERT INTO deletions(image_id, tag, reason, state, error, updated_at)"
+            " VALUES (?, ?, ?, 'sending', NULL, ?)"
+            " ON CONFLICT(image_id) DO UPDATE SET state='sending', error=NULL,"
+            " updated_at=excluded.updated_at",
+            (image_id, tag, reason, now),
+        )
+
+    def deletion_result(
+        self, image_id: int, state: DeletionState, now: float, error: str | None = None
+    ) -> None:
+        """What the API answered to the ``DELETE`` of ``image_id``."""
+        self._db.execute(
+            "UPDATE deletions SET state=?, error=?, updated_at=? WHERE image_id=?",
+            (state.value, error, now, image_id),
+        )
 
     def finished(
         self,
