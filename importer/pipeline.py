@@ -200,18 +200,44 @@ class Importer:
             if submitted is None:
                 return
             image_id, fresh, group = submitted
-            final = await self._wait_for(item, image_id, fresh, group, log)
-            if self._journal_uncertain(item) > 0:
-                # Whatever the outcome, the entry must not end with a second live image.
-                deleted = await self._reconciler.sweep(item, keep=image_id, log=log)
-                self._update(item, duplicates_deleted=deleted)
-            if final is None:
-                self._finish(item, Outcome.TIMED_OUT, error="timed out waiting for the import")
+            while True:
+                lost: str | None = None
+                try:
+                    final = await self._wait_for(item, image_id, fresh, group, log)
+                except (AuthenticationError, ApiUnreachableError):
+                    raise
+                except ApiError as exc:
+                    # Polling gave up on this image (e.g. it vanished), or an answer no
+                    # rule foresaw: this image's failure, not the run's.
+                    final, lost = None, exc.safe_message
+                left: tuple[int, ...] = ()
+                if self._journal_uncertain(item) > 0:
+                    # Whatever the outcome, the entry must not end with a second live
+                    # image, and keeps the best copy its creates made.
+                    polled = self._polled(item, image_id, final, lost)
+                    swept = await self._reconciler.sweep(item, polled=polled, log=log)
+                    self._update(item, duplicates_deleted=swept.deleted)
+                    left = swept.left
+                    kept = swept.kept
+                    if kept is not None and kept.id != image_id:
+                        self._kept(item, kept, log)
+                        image_id, fresh, lost = kept.id, False, None
+                        group = _group_of(kept, item)
+                        if not kept.is_available:
+                            continue  # watch the copy kept, within the same timeout
+                        final = kept
+                break
+            if lost is not None:
+                self._finish(item, Outcome.FAILED, error=lost)
+                log.warning("image.failed", image_id=image_id, error=lost)
+            elif final is None:
+                error = _left_note("timed out waiting for the import", left)
+                self._finish(item, Outcome.TIMED_OUT, error=error)
                 log.warning(
                     "image.timed_out", image_id=image_id, timeout=self._settings.image_timeout
                 )
             else:
-                self._finished_with(item, final, log)
+                self._finished_with(item, final, log, left=left)
         except AuthenticationError as exc:
             self._fail_run(item, "authentication_failed", exc)
         except ApiUnreachableError as exc:
@@ -229,6 +255,7 @@ class Importer:
         submitted_at = self._progress[item.index].result.submitted_at
         elapsed = self._clock.wall() - submitted_at if submitted_at is not None else 0.0
         with self._clock.move_on_after(max(0.0, self._settings.image_timeout - elapsed)):
+            state = self._journal.get(item.tag)
             return await self._poller.wait(
                 image_id,
                 lambda i: self._saw(item, i, log),
@@ -236,15 +263,33 @@ class Importer:
                 size=item.size,
                 submitted_at=submitted_at,
                 fresh=fresh,
+                sent_at=state.last_sent_at if state is not None else None,
             )
         # Time is up (perhaps between runs): one last look, so that an import that
-        # finished or failed meanwhile is reported as what it is.
+        # finished or failed meanwhile is reported as what it is (a failed image
+        # purged since is reported with the message seen, if any was).
         try:
-            image = await self._client.get(image_id)
+            image = await self._poller.look(image_id)
         except (TransientApiError, RateLimitedError):
             return None
         self._saw(item, image, log)
         return image if image.is_available or image.has_failed else None
+
+    def _polled(
+        self, item: PlannedImport, image_id: int, final: Image | None, lost: str | None
+    ) -> Image:
+        """The entry's image as last seen, for the sweep: finished, gone, or still importing."""
+        if final is not None:
+            return final
+        if lost is not None:
+            return Image(id=image_id, status="deleted", error_message=lost)
+        return Image(id=image_id, status=self._progress[item.index].result.status or "NEW")
+
+    def _kept(self, item: PlannedImport, image: Image, log: Log) -> None:
+        """Another copy of the entry's (available first, then the oldest) is its image now."""
+        self._journal.submitted(item.tag, image.id, image.status, self._clock.wall())
+        self._update(item, image_id=image.id, status=image.status)
+        log.info("image.kept", image_id=image.id, status=image.status)
 
     # -- submitting, without ever making a duplicate --------------------------------
 
@@ -276,9 +321,7 @@ class Importer:
                 found = await self._reconciler.find(item, log)
                 self._update(item, duplicates_deleted=self._journal_duplicates(item))
                 if found is not None:
-                    group = next(
-                        (t for t in found.tags or () if t.startswith(GROUP_TAG_PREFIX)), item.group
-                    )
+                    group = _group_of(found, item)
                     return self._submitted(item, found, log, adopted=True), False, group
             if creates >= self._settings.max_creates:
                 error = f"gave up after {creates} creates whose outcome stayed unknown"
@@ -348,13 +391,15 @@ class Importer:
             self._journal.status(item.tag, image.status, self._clock.wall())
         self._update(item, status=image.status)
 
-    def _finished_with(self, item: PlannedImport, image: Image, log: Log) -> None:
+    def _finished_with(
+        self, item: PlannedImport, image: Image, log: Log, *, left: tuple[int, ...] = ()
+    ) -> None:
         if image.is_available:
-            self._finish(item, Outcome.AVAILABLE)
+            self._finish(item, Outcome.AVAILABLE, error=_left_note(None, left))
             log.info("image.available", image_id=image.id)
         else:
             error = redact_text(image.error_message) or f"the image turned {image.status}"
-            self._finish(item, Outcome.FAILED, error=error)
+            self._finish(item, Outcome.FAILED, error=_left_note(error, left))
             log.warning("image.failed", image_id=image.id, status=image.status, error=error)
 
     def _fail_run(self, item: PlannedImport, reason: str, exc: ApiError) -> None:
@@ -412,10 +457,16 @@ class Importer:
                     image_id=state.image_id,
                     status=state.status,
                     submitted_at=state.submitted_at,
+                    duplicates_deleted=state.duplicates,
                 )
             else:
                 error = "the create's outcome is not known yet; a run with the same state finds out"
-                progress.result = replace(progress.result, outcome=Outcome.PENDING, error=error)
+                progress.result = replace(
+                    progress.result,
+                    outcome=Outcome.PENDING,
+                    error=error,
+                    duplicates_deleted=state.duplicates,
+                )
 
     async def _report_progress(self) -> None:
         while True:
@@ -436,6 +487,23 @@ class Importer:
     def results(self) -> tuple[ImageResult, ...]:
         """One result per entry, in manifest order."""
         return tuple(self._progress[index].result for index in sorted(self._progress))
+
+
+def _group_of(image: Image, item: PlannedImport) -> str:
+    """The group tag ``image`` carries (the entry's own if it carries none)."""
+    return next((t for t in image.tags or () if t.startswith(GROUP_TAG_PREFIX)), item.group)
+
+
+def _left_note(error: str | None, left: tuple[int, ...]) -> str | None:
+    """``error``, plus the extra copies the API would not delete, if any."""
+    if not left:
+        return error
+    ids = ", ".join(str(image_id) for image_id in left)
+    note = (
+        f"extra copies {ids} could not be deleted (the API refused while they imported): "
+        "delete them by hand"
+    )
+    return f"{error}; {note}" if error else note
 
 
 async def run_import(
