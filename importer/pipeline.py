@@ -532,7 +532,7 @@ async def run_import(
         clock,
         concurrency=settings.concurrency,
         windows=(
-            Window(settings.effective_per_minute, 60.0),
+            Window(settings.effective_per_minute, settings.minute_window),
             Window(settings.effective_per_hour, 3600.0),
         ),
     )

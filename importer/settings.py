@@ -89,6 +89,9 @@ class Settings:
     #: DigitalOcean's limits per token: 250 in any minute, 5,000 in any hour.
     per_minute: int = 250
     per_hour: int = 5000
+    #: How long a request counts against ``per_minute``: DigitalOcean's minute. Only a
+    #: simulator whose burst window was shortened (for tests) calls for another value.
+    minute_window: float = 60.0
     #: Share of both limits left to other users of the token (Terraform, CI...),
     #: on top of what the API's headers show they spend.
     reserve: float = 0.1
@@ -144,6 +147,7 @@ class Settings:
             "concurrency": self.concurrency,
             "per_minute": self.per_minute,
             "per_hour": self.per_hour,
+            "minute_window": self.minute_window,
             "max_attempts": self.max_attempts,
             "first_poll": self.first_poll,
             "poll_interval": self.poll_interval,

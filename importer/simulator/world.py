@@ -969,6 +969,21 @@ class World:
             "now": self.clock.wall(),
         }
 
+    def answers_json(self) -> Json:
+        """``answers`` as JSON, for ``GET /_simulator/answers``; times on the monotonic clock."""
+        return {
+            "answers": [
+                {
+                    "at": answer.at,
+                    "route": answer.route,
+                    "status": answer.status,
+                    "retry_after": answer.retry_after,
+                }
+                for answer in self.answers
+            ],
+            "now": self.clock.monotonic(),
+        }
+
     # -- persistence ----------------------------------------------------------
 
     def snapshot(self) -> Json:
