@@ -1,17 +1,23 @@
-"""The ``importer`` command: ``run``, ``validate`` and ``simulate``.
+"""The ``importer`` command: ``run``, ``plan``, ``status``, ``validate`` and ``simulate``.
 
-Exit codes: 0 every image available; 1 some image failed, timed out or was
-rejected; 2 invalid manifest or usage (or the state file is in use, or the report
-cannot be written); 3 authentication failed or the API unreachable; 4 the
+Exit codes of ``run``: 0 every image available (and its names put right); 1 some
+image failed, timed out or was rejected, or rotation left something undone; 2
+invalid manifest or usage (or the state file is in use, or the report cannot be
+written); 3 authentication failed, the API unreachable or the account unreadable; 4 the
 ``--deadline`` passed; 130 interrupted (SIGINT); 143 terminated (SIGTERM).
 
 Every check of the command line and of the paths to write is made before the first
-request. Logs go to stderr; with ``--log-format json`` every stderr line is JSON.
+request. Logs go to stderr; with ``--log-format json`` every stderr line is JSON. On a
+terminal, with console logs, a live view of the run (:mod:`importer.live`) is drawn on
+stderr, with only warnings (``-v``: every line down to debug) printed above it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
+import logging
 import os
 import signal
 import socket
@@ -19,9 +25,9 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path, PurePosixPath
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TextIO, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
@@ -32,6 +38,10 @@ from importer.catalog import API_URL_ENV, DEFAULT_API_URL, TOKEN_ENV
 from importer.clock import LoopClock, VirtualTimeLoop
 from importer.durations import parse_duration
 from importer.errors import (
+    AccountUnreadableError,
+    ApiError,
+    ApiUnreachableError,
+    AuthenticationError,
     ImporterError,
     InvalidSettingError,
     ListenError,
@@ -41,13 +51,18 @@ from importer.errors import (
     UsageError,
 )
 from importer.journal import MEMORY, Journal
+from importer.live import LiveView
 from importer.logs import LogFormat, configure_logging
 from importer.manifest import Manifest, load_manifest, parse_manifest
-from importer.pipeline import Stopper, run_import
-from importer.report import Report, plural, unwritable_reason
+from importer.outputs import Outputs, path_error
+from importer.pipeline import Stopper, plan_only, run_import
+from importer.plan import RunPlan
+from importer.progress import RunMonitor, RunSnapshot, preparing
+from importer.report import RUNNING, Report, plural, unwritable_reason, write_json_atomic
 from importer.settings import Settings, Token, default_api_url
 from importer.simulator import SimulatorConfig, run_simulator
-from importer.sizing import HeadSizer
+from importer.sources import SourceProber
+from importer.status import last_report
 
 EXIT_OK = 0
 EXIT_FAILURES = 1
@@ -60,9 +75,12 @@ EXIT_TERMINATED = 143
 _STOP_EXIT = {
     "authentication_failed": EXIT_API,
     "api_unreachable": EXIT_API,
+    "account_unreadable": EXIT_API,
     "deadline": EXIT_DEADLINE,
     "interrupted": EXIT_INTERRUPTED,
     "terminated": EXIT_TERMINATED,
+    # Only `importer status` sees it: the last run has not ended (or was killed).
+    RUNNING: EXIT_FAILURES,
 }
 _SIGNAL_REASONS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
 DEFAULT_STATE = Path("importer-state.sqlite")
@@ -129,6 +147,39 @@ def _flags(command: click.Command) -> dict[str, str]:
         for param in command.params
         if isinstance(param, click.Option) and param.name
     }
+
+
+def _output_options(command: FC) -> FC:
+    """``--junit``, ``--markdown`` and ``--metrics``, shared by ``run`` and ``status``."""
+    for flag, name, help_text in reversed(
+        (
+            ("--junit", "junit_path", "Also write a JUnit XML file: one test case per entry."),
+            (
+                "--markdown",
+                "markdown_path",
+                "Also write a Markdown summary (and append it to $GITHUB_STEP_SUMMARY if set).",
+            ),
+            (
+                "--metrics",
+                "metrics_path",
+                "Also write Prometheus metrics (text format, for node_exporter's textfile "
+                "collector).",
+            ),
+        )
+    ):
+        option = click.option(
+            flag, name, type=click.Path(path_type=Path, dir_okay=False), help=help_text
+        )
+        command = option(command)
+    return command
+
+
+def _check_outputs(outputs: Outputs, log_format: LogFormat) -> None:
+    """Refuse, before anything runs, an output that could not be written at the end."""
+    for flag, path in outputs.paths():
+        reason = unwritable_reason(path)
+        if reason is not None:
+            _die(path_error(flag, path, reason), log_format)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -254,12 +305,20 @@ def validate(manifest: Path) -> None:
     f"[default: {Settings.poll_interval:g}s; 1s with --simulate].",
 )
 @click.option(
+    "--prune",
+    is_flag=True,
+    help="Delete the set's images whose entry left the manifest [default: only report them].",
+)
+@click.option(
     "--log-format",
     type=click.Choice(["console", "json"]),
     default="console",
     show_default=True,
     help="Human-readable logs, or JSON lines.",
 )
+@_output_options
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and the final summary.")
+@click.option("-v", "--verbose", is_flag=True, help="Every log line, debug ones too.")
 def run(
     manifest: Path,
     report_path: Path,
@@ -278,11 +337,19 @@ def run(
     deadline: float | None,
     first_poll: float | None,
     poll_interval: float | None,
+    prune: bool,
     log_format: LogFormat,
+    junit_path: Path | None,
+    markdown_path: Path | None,
+    metrics_path: Path | None,
+    quiet: bool,
+    verbose: bool,
 ) -> None:
-    """Import every image of MANIFEST and write a report."""
+    """Make the account hold what MANIFEST asks for (import, replace, rotate); write a report."""
     # Set up first, so that even a refusal is a JSON line when JSON is asked for.
     configure_logging(log_format)
+    if quiet and verbose:
+        _die(UsageError("-q and -v contradict each other; pass one of them"), log_format)
     for flag, given in (("--api-url", api_url is not None), ("--token-file", token_file)):
         if simulate and given:
             _die(
@@ -340,59 +407,207 @@ def run(
     reason = None if to_stdout else unwritable_reason(settings.report_path)
     if reason is not None:
         _die(OutputPathError(str(settings.report_path), reason, fix=_REPORT_FIX), log_format)
-    configure_logging(log_format, secrets=[token.value])
+    outputs = Outputs.from_env(junit=junit_path, markdown=markdown_path, metrics=metrics_path)
+    _check_outputs(outputs, log_format)
+    # On a terminal, the view replaces the info lines (it says what they would);
+    # warnings still scroll above it. Anywhere else, the logs are as they always were.
+    view = LiveView() if not quiet and log_format == "console" and sys.stderr.isatty() else None
+    level = logging.DEBUG if verbose else logging.WARNING if quiet or view else logging.INFO
     options: dict[str, Any] = {"loop_factory": VirtualTimeLoop} if virtual_time else {}
+
+    def checkpoint(interim: Report) -> None:
+        """Rewrite the outputs during the run, so that a killed run leaves recent ones."""
+        try:
+            if not to_stdout:
+                interim.write(settings.report_path)
+            outputs.write(interim, final=False)
+        except (OSError, OutputPathError) as exc:
+            structlog.get_logger("importer.cli").warning("outputs.write_failed", error=str(exc))
+
+    configure_logging(log_format, secrets=[token.value], level=level)
     try:
         # Opened (and locked) before anything starts, so a refusal is just a message.
-        with Journal(settings.state_path or MEMORY) as journal:
-            report = anyio.run(
-                _run, loaded, settings, journal, simulate, size_order, backend_options=options
-            )
+        journal = Journal(settings.state_path or MEMORY)
     except ImporterError as error:  # the state file is locked or unusable
         _die(error, log_format)
-    if to_stdout:
+    # The view is up only while the run is: messages before and after it print plainly.
+    with journal, view if view is not None else contextlib.nullcontext():
+        if view is not None:
+            configure_logging(log_format, secrets=[token.value], level=level, stream=view.stream)
+        run_options = _RunOptions(
+            simulate, size_order, prune, log_format, quiet, view=view, on_checkpoint=checkpoint
+        )
+        report = anyio.run(_run, loaded, settings, journal, run_options, backend_options=options)
+    if view is not None:
+        configure_logging(log_format, secrets=[token.value], level=level)
+    _finish(report, settings.report_path, outputs, log_format, quiet=quiet)
+
+
+def _finish(
+    report: Report,
+    report_path: Path | None,
+    outputs: Outputs,
+    log_format: LogFormat,
+    *,
+    quiet: bool = False,
+) -> NoReturn:
+    """Write the report and the outputs, print the summary, exit with the run's code.
+
+    A file that cannot be written is said after the summary, with exit 2.
+    """
+    failure: ImporterError | None = None
+    if report_path is not None and report_path != DASH:
+        try:
+            report.write(report_path)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            failure = OutputPathError(str(report_path), reason, fix=_REPORT_FIX)
+    if failure is None:
+        try:
+            outputs.write(report, final=True)
+        except OutputPathError as error:
+            failure = error
+    if report_path == DASH:
         click.echo(report.to_text(), nl=False)
         # Standard output holds the JSON alone; in JSON logs, run.finished has the counts.
         if log_format == "console":
             click.echo(report.human_summary(), err=True)
     else:
-        try:
-            report.write(settings.report_path)
-        except OSError as exc:
-            click.echo(report.human_summary())
-            reason = exc.strerror or str(exc)
-            _die(OutputPathError(str(settings.report_path), reason, fix=_REPORT_FIX), log_format)
         click.echo(report.human_summary())
-        click.echo(f"report written to {settings.report_path}")
+        if report_path is not None and failure is None and not quiet:
+            click.echo(f"report written to {report_path}")
+    if failure is not None:
+        _die(failure, log_format)
     sys.exit(exit_code(report))
 
 
 _REPORT_FIX = "pass --report a path in a directory you can write to, or - for standard output"
 
 
+@main.command()
+@click.option(
+    "--state",
+    "state_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="The state file of the runs to report on.",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(path_type=Path, dir_okay=False, allow_dash=True),
+    default=None,
+    help="Also write the JSON report there; - for standard output (the summary then goes "
+    "to stderr).",
+)
+@_output_options
+@click.option(
+    "--log-format",
+    type=click.Choice(["console", "json"]),
+    default="console",
+    show_default=True,
+    help="Human-readable logs, or JSON lines.",
+)
+def status(
+    state_path: Path,
+    report_path: Path | None,
+    junit_path: Path | None,
+    markdown_path: Path | None,
+    metrics_path: Path | None,
+    log_format: LogFormat,
+) -> None:
+    """Report the last run on a state file, from its journal alone: no token, no request.
+
+    Works while that run goes on, and after it was killed: then the report is its last
+    record, brought up to date by the journal's newer rows, with `stopped: running`.
+    Exit code: the run's own (0, 1, 3, 4, 130, 143), or 1 if it has not ended.
+    """
+    configure_logging(log_format)
+    if report_path is not None and report_path != DASH:
+        reason = unwritable_reason(report_path)
+        if reason is not None:
+            _die(OutputPathError(str(report_path), reason, fix=_REPORT_FIX), log_format)
+    outputs = Outputs.from_env(junit=junit_path, markdown=markdown_path, metrics=metrics_path)
+    _check_outputs(outputs, log_format)
+    try:
+        report = last_report(state_path)
+    except ImporterError as error:
+        _die(error, log_format)
+    _finish(report, report_path, outputs, log_format)
+
+
+@dataclass(frozen=True)
+class _RunOptions:
+    simulate: bool
+    size_order: bool
+    prune: bool
+    log_format: LogFormat
+    quiet: bool = False
+    #: The live view, when stderr is a terminal.
+    view: LiveView | None = None
+    #: Rewrites the outputs with the report so far (see run_import).
+    on_checkpoint: Callable[[Report], None] | None = None
+
+
+def simulator_state_path(state_path: Path) -> Path:
+    """Where ``--simulate --state S`` keeps the simulator's account: ``S.simulator.json``.
+
+    The journal alone would speak of images a fresh simulator never had: a resumed
+    demo must find its images again.
+    """
+    return state_path.with_name(state_path.name + ".simulator.json")
+
+
+def _simulator_config(settings: Settings) -> SimulatorConfig:
+    state = settings.state_path
+    return SimulatorConfig.demo(state_file=simulator_state_path(state) if state else None)
+
+
 async def _run(
-    manifest: Manifest, settings: Settings, journal: Journal, simulate: bool, size_order: bool
+    manifest: Manifest, settings: Settings, journal: Journal, options: _RunOptions
 ) -> Report:
     stopper = Stopper()
     # Wall time anchored now: under --virtual-time, timestamps still read as today.
     clock = LoopClock(epoch=time.time())
+    started = clock.wall()
+    view = options.view
+    # With the view up, the plan is printed above it; with -q, not at all.
+    on_plan = _plan_printer(
+        options.log_format, None if options.quiet else view.stream if view else sys.stderr
+    )
+    monitors: list[RunMonitor] = []
+
+    def snapshot() -> RunSnapshot:
+        if monitors:
+            return monitors[0].snapshot()
+        return preparing(len(manifest.entries), "starting", started, clock.wall())
+
+    hooks: dict[str, Any] = {"on_start": monitors.append, "on_checkpoint": options.on_checkpoint}
     async with anyio.create_task_group() as signals:
         signals.start_soon(_stop_on_signals, stopper)
-        if simulate:
-            async with run_simulator(SimulatorConfig.demo(), clock) as simulator:
+        if view is not None:
+            signals.start_soon(view.follow, snapshot, clock)
+        if options.simulate:
+            async with run_simulator(_simulator_config(settings), clock) as simulator:
                 log = structlog.get_logger("importer.cli")
                 log.info("simulator.listening", url=simulator.base_url)
                 settings = replace(settings, api_url=simulator.base_url)
                 # The example URLs lead nowhere: ask the simulator's file host, which
                 # knows every file name, instead of the internet.
-                sizer = HeadSizer(rewrite=lambda url: simulator.file_url(_file_name(url)))
+                prober = SourceProber(
+                    clock, rewrite=lambda url: simulator.file_url(_file_name(url))
+                )
                 report = await run_import(
                     manifest,
                     settings,
                     clock=clock,
                     stopper=stopper,
                     journal=journal,
-                    sizer=sizer if size_order else None,
+                    prober=prober,
+                    size_order=options.size_order,
+                    prune=options.prune,
+                    on_plan=on_plan,
+                    **hooks,
                 )
         else:
             report = await run_import(
@@ -401,10 +616,35 @@ async def _run(
                 clock=clock,
                 stopper=stopper,
                 journal=journal,
-                sizer=HeadSizer() if size_order else None,
+                prober=SourceProber(clock),
+                size_order=options.size_order,
+                prune=options.prune,
+                on_plan=on_plan,
+                **hooks,
             )
         signals.cancel_scope.cancel()
     return report
+
+
+def _plan_printer(log_format: LogFormat, out: TextIO | None) -> Callable[[RunPlan], None]:
+    """``run`` shows its plan before it starts (in JSON logs, ``plan.made`` says it all).
+
+    ``out``: where the table goes (stderr, or above the live view); ``None`` for none.
+    """
+
+    def show(plan: RunPlan) -> None:
+        if log_format == "console":
+            if out is None:
+                return
+            click.echo(f"plan for set {plan.set}: {plan.summary_line()}", file=out)
+            for line in plan.table():
+                click.echo(line, file=out)
+        else:
+            log = structlog.get_logger("importer.cli")
+            for fields in plan.entry_events():
+                log.info("plan.entry", **fields)
+
+    return show
 
 
 def _file_name(url: str) -> str:
@@ -429,6 +669,134 @@ def _on_signal(
         exit_now(_STOP_EXIT[reason])
     log.warning("run.signal", signal=sig.name, action="stop", note="signal again to exit at once")
     stopper.stop(reason)
+
+
+@main.command("plan")
+@click.argument("manifest", type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--state",
+    "state_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help=f"The journal a run would use, read if it exists [default: {DEFAULT_STATE}; "
+    "none with --simulate].",
+)
+@click.option(
+    "--simulate",
+    is_flag=True,
+    help="Plan against the built-in simulator (its account is kept beside --state).",
+)
+@click.option(
+    "--api-url",
+    default=None,
+    help=f"API base URL [default: ${API_URL_ENV} or https://api.digitalocean.com].",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help=f"Read the API token from this file instead of ${TOKEN_ENV}.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path, dir_okay=False, allow_dash=True),
+    default=None,
+    help="Also write the plan as JSON to this path (- for standard output).",
+)
+@click.option(
+    "--prune",
+    is_flag=True,
+    help="Plan as `run --prune` would: orphaned images counted as deletions.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["console", "json"]),
+    default="console",
+    show_default=True,
+    help="Human-readable logs, or JSON lines.",
+)
+def plan_command(
+    manifest: Path,
+    state_path: Path | None,
+    simulate: bool,
+    api_url: str | None,
+    token_file: Path | None,
+    json_path: Path | None,
+    prune: bool,
+    log_format: LogFormat,
+) -> None:
+    """Show what `run` would do: read the sources and the account, send no POST, PUT or DELETE.
+
+    Exit 0: a plan was made; 1: some entry's source cannot be read (the plan says
+    which); 2: invalid manifest, usage or state file; 3: the account could not be
+    read (a refused token, the API unreachable).
+    """
+    configure_logging(log_format)
+    if simulate and (api_url is not None or token_file is not None):
+        _die(UsageError("--simulate needs neither --api-url nor --token-file"), log_format)
+    loaded = _load(manifest, log_format)
+    # A simulated account is kept only beside a state named on the command line.
+    state = state_path or (None if simulate else DEFAULT_STATE)
+    try:
+        token = Token("simulated") if simulate else Token.from_env_or_file(token_file)
+        settings = Settings(
+            token=token,
+            api_url=(
+                DEFAULT_API_URL if simulate else default_api_url() if api_url is None else api_url
+            ),
+            state_path=state,
+        )
+    except ImporterError as error:
+        _die(error, log_format)
+    if json_path is not None and json_path != DASH:
+        reason = unwritable_reason(json_path)
+        if reason is not None:
+            _die(OutputPathError(str(json_path), reason, fix=_PLAN_FIX), log_format)
+    configure_logging(log_format, secrets=[token.value])
+    try:
+        # A plan reads the journal if there is one; it never makes one.
+        with Journal(state if state is not None and state.exists() else MEMORY) as journal:
+            made = anyio.run(_plan, loaded, settings, journal, simulate)
+    except ImporterError as error:
+        _die(error, log_format)
+    if prune:
+        made = replace(made, prune=True)
+    if json_path == DASH:
+        click.echo(json.dumps(made.to_json(), indent=2))
+    else:
+        click.echo(f"plan for set {made.set}: {made.summary_line()}")
+        for line in made.table():
+            click.echo(line)
+        if json_path is not None:
+            write_json_atomic(json_path, made.to_json())
+            click.echo(f"plan written to {json_path}")
+    sys.exit(EXIT_FAILURES if made.counts()["error"] else EXIT_OK)
+
+
+_PLAN_FIX = "pass --json a path in a directory you can write to, or - for standard output"
+
+
+async def _plan(
+    manifest: Manifest, settings: Settings, journal: Journal, simulate: bool
+) -> RunPlan:
+    clock = LoopClock(epoch=time.time())
+    try:
+        if simulate:
+            async with run_simulator(_simulator_config(settings), clock) as simulator:
+                settings = replace(settings, api_url=simulator.base_url)
+                prober = SourceProber(
+                    clock, rewrite=lambda url: simulator.file_url(_file_name(url))
+                )
+                return await plan_only(
+                    manifest, settings, clock=clock, journal=journal, prober=prober
+                )
+        return await plan_only(
+            manifest, settings, clock=clock, journal=journal, prober=SourceProber(clock)
+        )
+    except (AuthenticationError, ApiUnreachableError):
+        raise
+    except ApiError as exc:
+        raise AccountUnreadableError(str(exc)) from None
 
 
 def exit_code(report: Report) -> int:

@@ -188,3 +188,15 @@ class ListenError(UsageError):
         self.port = port
         self.reason = reason
         super().__init__(f"cannot listen on {host}:{port}: {reason}; {fix}")
+
+
+class AccountUnreadableError(ImporterError):
+    """The set's images could not be listed: nothing can be decided without them."""
+
+    exit_code = 3
+
+    def __str__(self) -> str:
+        return (
+            f"the account's images could not be listed ({super().__str__()}); nothing was "
+            "sent. A later run tries again."
+        )

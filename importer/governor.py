@@ -459,3 +459,9 @@ class Governor:
         """Count a request that left without asking: aiohttp resends some on its own."""
         for log in self._logs:
             log.record(now)
+
+    def hour_usage(self) -> tuple[int, int] | None:
+        """Our requests in the sliding hour, and the hour's budget (after the reserve)."""
+        if self._hourly is None:
+            return None
+        return self._hourly.count(self._clock.monotonic()), self._hourly.window.limit

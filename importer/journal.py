@@ -6,8 +6,12 @@ soon as anything is learned (image id, each status, the outcome). Each write is
 one SQLite transaction in WAL mode: a ``kill -9`` at any instant leaves either
 the state before the write or the state after it, never half of it.
 
-Rows are keyed by the entry tag (see :mod:`importer.plan`), so one state file
+Rows are keyed by the entry tag (see :mod:`importer.identity`), so one state file
 can serve several manifests, and a rerun of a manifest finds its entries again.
+Each row remembers the version its creates were for: a row of another version is
+history. The journal is never the truth about the account (the set's listing is,
+see :mod:`importer.converge`); it tells what a listing cannot: which creates may
+have left unanswered, and the ids of images a listing may hide.
 
 Deletions are journaled the same way: the intent before the ``DELETE`` leaves
 (:meth:`Journal.deleting`), the result once it is known
@@ -26,6 +30,7 @@ import fcntl
 import json
 import os
 import sqlite3
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -34,7 +39,7 @@ from types import TracebackType
 from importer.errors import StateFileError, StateLockedError
 
 MEMORY = ":memory:"
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     tag           TEXT PRIMARY KEY,
@@ -53,6 +58,7 @@ CREATE TABLE IF NOT EXISTS entries (
     submitted_at  REAL,
     finished_at   REAL,
     updated_at    REAL,
+    version       TEXT,
     last_sent_at  REAL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -62,13 +68,37 @@ CREATE TABLE IF NOT EXISTS deletions (
     reason     TEXT NOT NULL,
     state      TEXT NOT NULL,
     error      TEXT,
-    updated_at REAL
+    updated_at REAL,
+    -- Whether a run's final report named it (a killed run's report never was).
+    reported   INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS deletions_by_tag ON deletions(tag);
+CREATE TABLE IF NOT EXISTS runs (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    started_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    ended       INTEGER NOT NULL DEFAULT 0,
+    header      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS run_images (
+    run_id      INTEGER NOT NULL,
+    idx         INTEGER NOT NULL,
+    image       TEXT NOT NULL,
+    PRIMARY KEY (run_id, idx)
+);
 """
-#: Columns added since schema 1 without changing its meaning: added in place to an
-#: older file (an older importer reading a newer file ignores them).
-_ADDED_COLUMNS = {"last_sent_at": "REAL"}
+#: Runs whose record is kept (``importer status`` shows the last one).
+_RUNS_KEPT = 10
+#: Schema 1 (before versions): its rows are keyed by tags of the URL-based identity,
+#: which no entry has any more; they are kept, and never match.
+#: Whether a create is for the row's version (a row without one, written by a test or
+#: an older schema, is taken to be about it).
+_SAME_VERSION = " COALESCE(version, excluded.version) IS excluded.version "
+_MIGRATIONS = {
+    1: "ALTER TABLE entries ADD COLUMN version TEXT",
+    # Schema 3: when the latest create left, which reconciliation waits from.
+    2: "ALTER TABLE entries ADD COLUMN last_sent_at REAL",
+}
 
 
 class Phase(StrEnum):
@@ -110,6 +140,8 @@ class Deletion:
     reason: str
     state: DeletionState
     error: str | None
+    #: Whether the final report of a run named it.
+    reported: bool = False
 
 
 @dataclass(frozen=True)
@@ -137,17 +169,43 @@ class EntryState:
     first_sent_at: float | None
     submitted_at: float | None
     finished_at: float | None
+    #: The version tag of the source this row's creates were for
+    #: (:func:`importer.identity.version_tag`); a row of another version is history.
+    version: str | None = None
     #: When the latest create for this entry left (wall time): what reconciling
     #: an uncertain create waits from, across runs.
     last_sent_at: float | None = None
 
 
-class Journal:
-    """An open journal. Use as a context manager, or call :meth:`close`."""
+@dataclass(frozen=True)
+class RunRecord:
+    """What the journal holds of one run: its report as last recorded, in pieces."""
 
-    def __init__(self, path: Path | str) -> None:
+    run_id: int
+    started_at: float
+    #: When the run last recorded itself (wall time).
+    updated_at: float
+    #: Whether the run recorded its end; if not, it is still running, or was killed.
+    ended: bool
+    #: The report's JSON text without its images (the run's own fields).
+    header: str
+    #: Each image's JSON text, in manifest order.
+    images: tuple[str, ...]
+
+
+class Journal:
+    """An open journal. Use as a context manager, or call :meth:`close`.
+
+    ``read_only`` opens an existing journal to read it (``importer status``): no
+    lock is taken, so it works while a run holds the state, and nothing is written.
+    """
+
+    def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
         self.path = str(path)
         self._lock_fd: int | None = None
+        if read_only:
+            self._open_read_only()
+            return
         if self.path != MEMORY:
             self._lock_fd = _lock(Path(self.path))
         try:
@@ -160,12 +218,28 @@ class Journal:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
             self._check_version()
-            self._add_columns()
         except sqlite3.DatabaseError as exc:
             self.close()
             raise StateFileError(
                 f"{self.path} is not a usable importer state file ({exc}); "
                 "pass another --state path, or move this file away"
+            ) from None
+
+    def _open_read_only(self) -> None:
+        if self.path == MEMORY or not Path(self.path).is_file():
+            raise StateFileError(
+                f"there is no state file at {self.path}; pass --state the file a run was given"
+            )
+        try:
+            uri = f"{Path(self.path).resolve().as_uri()}?mode=ro"
+            self._db = sqlite3.connect(uri, uri=True, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("SELECT count(*) FROM entries").fetchone()
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise StateFileError(
+                f"{self.path} is not a usable importer state file ({exc}); "
+                "pass --state the file a run was given"
             ) from None
 
     def _check_version(self) -> None:
@@ -175,15 +249,14 @@ class Journal:
                 "INSERT INTO meta(key, value) VALUES ('schema', ?)", (str(_SCHEMA_VERSION),)
             )
         elif row["value"] != str(_SCHEMA_VERSION):
-            raise sqlite3.DatabaseError(
-                f"schema version {row['value']}, expected {_SCHEMA_VERSION}"
-            )
-
-    def _add_columns(self) -> None:
-        present = {row["name"] for row in self._db.execute("PRAGMA table_info(entries)")}
-        for name, kind in _ADDED_COLUMNS.items():
-            if name not in present:
-                self._db.execute(f"ALTER TABLE entries ADD COLUMN {name} {kind}")
+            found = int(row["value"]) if row["value"].isdigit() else -1
+            if found not in _MIGRATIONS:
+                raise sqlite3.DatabaseError(
+                    f"schema version {row['value']}, expected {_SCHEMA_VERSION}"
+                )
+            for version in range(found, _SCHEMA_VERSION):
+                self._db.execute(_MIGRATIONS[version])
+            self._db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(_SCHEMA_VERSION),))
 
     # -- reading --------------------------------------------------------------------
 
@@ -208,14 +281,19 @@ class Journal:
             first_sent_at=row["first_sent_at"],
             submitted_at=row["submitted_at"],
             finished_at=row["finished_at"],
-            last_sent_at=row["last_sent_at"],
+            version=row["version"],
+            # A file of an older schema, read without being migrated (read_only).
+            last_sent_at=row["last_sent_at"] if "last_sent_at" in row.keys() else None,  # noqa: SIM118 - sqlite3.Row
         )
 
     def deletions(self, tag: str) -> tuple[Deletion, ...]:
         """The images ``tag``'s entry set out to delete, by id."""
-        rows = self._db.execute(
-            "SELECT * FROM deletions WHERE tag = ? ORDER BY image_id", (tag,)
-        ).fetchall()
+        try:
+            rows = self._db.execute(
+                "SELECT * FROM deletions WHERE tag = ? ORDER BY image_id", (tag,)
+            ).fetchall()
+        except sqlite3.OperationalError:  # an older file, read without being migrated
+            return ()
         return tuple(
             Deletion(
                 image_id=row["image_id"],
@@ -223,26 +301,109 @@ class Journal:
                 reason=row["reason"],
                 state=DeletionState(row["state"]),
                 error=row["error"],
+                reported=bool(row["reported"]),
             )
             for row in rows
+        )
+
+    def unreported_deletions(self, tag: str) -> tuple[Deletion, ...]:
+        """``tag``'s deletions that may have happened and no run's final report named yet."""
+        return tuple(d for d in self.deletions(tag) if d.state.may_be_deleted and not d.reported)
+
+    def changed_since(self, since: float) -> tuple[EntryState, ...]:
+        """Rows written at or after ``since`` (wall time)."""
+        rows = self._db.execute("SELECT tag FROM entries WHERE updated_at >= ?", (since,))
+        states = (self.get(row["tag"]) for row in rows.fetchall())
+        return tuple(state for state in states if state is not None)
+
+    def last_run(self) -> RunRecord | None:
+        """The latest run recorded in this journal, if any."""
+        try:
+            row = self._db.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        except sqlite3.OperationalError:  # a state file from before runs were recorded
+            return None
+        if row is None:
+            return None
+        images = self._db.execute(
+            "SELECT image FROM run_images WHERE run_id=? ORDER BY idx", (row["id"],)
+        )
+        return RunRecord(
+            run_id=row["id"],
+            started_at=row["started_at"],
+            updated_at=row["updated_at"],
+            ended=bool(row["ended"]),
+            header=row["header"],
+            images=tuple(image["image"] for image in images.fetchall()),
         )
 
     # -- writing --------------------------------------------------------------------
 
     def creating(
-        self, tag: str, name: str, region: str, now: float, group: str | None = None
+        self,
+        tag: str,
+        name: str,
+        region: str,
+        now: float,
+        group: str | None = None,
+        version: str | None = None,
     ) -> None:
-        """A create for ``tag`` is about to leave: from here on it may exist."""
+        """A create for ``tag`` is about to leave: from here on it may exist.
+
+        A row about another version is history: it starts afresh, and so do its
+        deletions, but for those no report has named yet.
+        """
+        with self._transaction():
+            self._db.execute(
+                "DELETE FROM deletions WHERE tag=? AND reported=1 AND EXISTS (SELECT 1"
+                " FROM entries WHERE tag=? AND version IS NOT NULL AND version IS NOT ?)",
+                (tag, tag, version),
+            )
+            self._creating(tag, name, region, now, group, version)
+
+    def _creating(
+        self, tag: str, name: str, region: str, now: float, group: str | None, version: str | None
+    ) -> None:
         self._db.execute(
-            "INSERT INTO entries(tag, name, region, group_tag, phase, creates_sent,"
-            " first_sent_at, last_sent_at, updated_at)"
-            " VALUES (?, ?, ?, ?, 'creating', 1, ?, ?, ?)"
+            "INSERT INTO entries(tag, name, region, group_tag, phase, creates_sent,"  # noqa: S608 - constant SQL
+            " first_sent_at, updated_at, version, last_sent_at)"
+            " VALUES (?, ?, ?, ?, 'creating', 1, ?, ?, ?, ?)"
             " ON CONFLICT(tag) DO UPDATE SET phase='creating', image_id=NULL, status=NULL,"
-            " outcome=NULL, error=NULL, creates_sent=creates_sent+1,"
+            " outcome=NULL, error=NULL, finished_at=NULL,"
             " group_tag=COALESCE(excluded.group_tag, group_tag),"
-            " first_sent_at=COALESCE(first_sent_at, excluded.first_sent_at),"
-            " last_sent_at=excluded.last_sent_at, updated_at=excluded.updated_at",
-            (tag, name, region, group, now, now, now),
+            " creates_sent=CASE WHEN" + _SAME_VERSION + "THEN creates_sent+1 ELSE 1 END,"
+            " uncertain=CASE WHEN" + _SAME_VERSION + "THEN uncertain ELSE 0 END,"
+            " duplicates=CASE WHEN" + _SAME_VERSION + "THEN duplicates ELSE '[]' END,"
+            " submitted_at=CASE WHEN" + _SAME_VERSION + "THEN submitted_at ELSE NULL END,"
+            " first_sent_at=CASE WHEN" + _SAME_VERSION + "THEN"
+            " COALESCE(first_sent_at, excluded.first_sent_at) ELSE excluded.first_sent_at END,"
+            " version=excluded.version, updated_at=excluded.updated_at,"
+            " last_sent_at=excluded.last_sent_at",
+            (tag, name, region, group, now, now, version, now),
+        )
+
+    def watching(
+        self,
+        tag: str,
+        name: str,
+        region: str,
+        image_id: int,
+        status: str,
+        *,
+        submitted_at: float,
+        now: float,
+        group: str | None,
+        version: str | None,
+    ) -> None:
+        """An image an earlier run created (found in the account) is watched as the entry's."""
+        self._db.execute(
+            "INSERT INTO entries(tag, name, region, group_tag, phase, image_id, status,"
+            " submitted_at, updated_at, version) VALUES (?, ?, ?, ?, 'submitted', ?, ?, ?, ?, ?)"
+            " ON CONFLICT(tag) DO UPDATE SET phase='submitted', image_id=excluded.image_id,"
+            " status=excluded.status, outcome=NULL, error=NULL, finished_at=NULL,"
+            " group_tag=COALESCE(excluded.group_tag, group_tag),"
+            " submitted_at=excluded.submitted_at, version=excluded.version,"
+            " updated_at=excluded.updated_at",
+            (tag, name, region, group, image_id, status, submitted_at, now, version),
         )
 
     def not_sent(self, tag: str) -> None:
@@ -283,22 +444,37 @@ class Journal:
 
     def deleting(self, tag: str, image_id: int, now: float, reason: str = "duplicate") -> None:
         """A ``DELETE`` of ``image_id`` is about to leave: from here on it may be gone."""
-        self._db.execute(
-            "INSERT INTO deletions(image_id, tag, reason, state, error, updated_at)"
-            " VALUES (?, ?, ?, 'sending', NULL, ?)"
-            " ON CONFLICT(image_id) DO UPDATE SET state='sending', error=NULL,"
-            " updated_at=excluded.updated_at",
-            (image_id, tag, reason, now),
-        )
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO deletions(image_id, tag, reason, state, error, updated_at)"
+                " VALUES (?, ?, ?, 'sending', NULL, ?)"
+                " ON CONFLICT(image_id) DO UPDATE SET state='sending', error=NULL,"
+                " updated_at=excluded.updated_at",
+                (image_id, tag, reason, now),
+            )
+            self._db.execute("UPDATE entries SET updated_at=? WHERE tag=?", (now, tag))
+
+    def deletions_reported(self, image_ids: Iterable[int]) -> None:
+        """A run's final report named these deletions."""
+        with self._transaction():
+            self._db.executemany(
+                "UPDATE deletions SET reported=1 WHERE image_id=?", ((i,) for i in image_ids)
+            )
 
     def deletion_result(
         self, image_id: int, state: DeletionState, now: float, error: str | None = None
     ) -> None:
         """What the API answered to the ``DELETE`` of ``image_id``."""
-        self._db.execute(
-            "UPDATE deletions SET state=?, error=?, updated_at=? WHERE image_id=?",
-            (state.value, error, now, image_id),
-        )
+        with self._transaction():
+            self._db.execute(
+                "UPDATE deletions SET state=?, error=?, updated_at=? WHERE image_id=?",
+                (state.value, error, now, image_id),
+            )
+            self._db.execute(
+                "UPDATE entries SET updated_at=? WHERE tag=(SELECT tag FROM deletions"
+                " WHERE image_id=?)",
+                (now, image_id),
+            )
 
     def finished(
         self,
@@ -308,15 +484,75 @@ class Journal:
         outcome: str,
         error: str | None,
         now: float,
+        *,
+        image_id: int | None = None,
+        version: str | None = None,
     ) -> None:
+        """The entry's outcome; ``image_id``/``version`` fill a row this run had not written."""
         self._db.execute(
-            "INSERT INTO entries(tag, name, region, phase, outcome, error, finished_at, updated_at)"
-            " VALUES (?, ?, ?, 'finished', ?, ?, ?, ?)"
+            "INSERT INTO entries(tag, name, region, phase, outcome, error, finished_at,"
+            " updated_at, image_id, version) VALUES (?, ?, ?, 'finished', ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT(tag) DO UPDATE SET phase='finished', outcome=excluded.outcome,"
             " error=excluded.error, finished_at=excluded.finished_at,"
+            " image_id=COALESCE(excluded.image_id, image_id),"
+            " version=COALESCE(excluded.version, version),"
             " updated_at=excluded.updated_at",
-            (tag, name, region, outcome, error, now, now),
+            (tag, name, region, outcome, error, now, now, image_id, version),
         )
+
+    def run_started(self, header: str, images: Iterable[tuple[int, str]], now: float) -> int:
+        """Record a run that starts: its report's own fields, and every image's row by index.
+
+        Returns the run's id. Older runs beyond the last few are forgotten.
+        """
+        with self._transaction():
+            cursor = self._db.execute(
+                "INSERT INTO runs(started_at, updated_at, header) VALUES (?, ?, ?)",
+                (now, now, header),
+            )
+            run_id = cursor.lastrowid
+            assert run_id is not None
+            self._db.executemany(
+                "INSERT INTO run_images(run_id, idx, image) VALUES (?, ?, ?)",
+                ((run_id, index, image) for index, image in images),
+            )
+            self._db.execute("DELETE FROM runs WHERE id <= ?", (run_id - _RUNS_KEPT,))
+            self._db.execute("DELETE FROM run_images WHERE run_id <= ?", (run_id - _RUNS_KEPT,))
+        return run_id
+
+    def run_recorded(
+        self,
+        run_id: int,
+        header: str,
+        images: Iterable[tuple[int, str]],
+        now: float,
+        *,
+        ended: bool,
+    ) -> None:
+        """The run's own fields now, and the rows of the images that changed since the last record.
+
+        One transaction: a reader sees the record before or after, never half of it.
+        ``ended`` once the run is over.
+        """
+        with self._transaction():
+            self._db.execute(
+                "UPDATE runs SET header=?, updated_at=?, ended=? WHERE id=?",
+                (header, now, int(ended), run_id),
+            )
+            self._db.executemany(
+                "INSERT OR REPLACE INTO run_images(run_id, idx, image) VALUES (?, ?, ?)",
+                ((run_id, index, image) for index, image in images),
+            )
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def _update(self, tag: str, now: float, assignments: str, *values: object) -> None:
         self._db.execute(

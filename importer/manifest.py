@@ -41,7 +41,10 @@ Decisions (each one is tested):
 - ``region`` and ``distribution`` must match the catalog exactly; a near miss is a problem with
   a suggestion. For ``distribution`` this matters most: the API silently turns any unknown
   value, even ``ubuntu``, into ``Unknown``.
-- Tags must be valid DigitalOcean tag names; at most 50 per image after merging (our limit).
+- Tags must be valid DigitalOcean tag names; at most 46 per image after merging, so that
+  with the importer's four (set, entry, version, group) an image has at most 50 (our
+  limit). Tags with the importer's own prefixes (``importer:``, ``importer-set:``...) are
+  refused: they would pass for the importer's.
 - Two images with the same name in the same region are a problem on the later one:
   DigitalOcean would accept both and create two images with one name.
 - A problem in ``defaults`` is reported once (field ``defaults.<key>``, no index), not again
@@ -94,7 +97,20 @@ from importer.redact import redact_text, redact_url
 
 SUPPORTED_VERSION: Final = 1
 NAME_MAX_LENGTH: Final = 255
-MAX_TAGS: Final = 50
+#: Tags on one image, ours included (our limit; DigitalOcean documents none).
+IMAGE_MAX_TAGS: Final = 50
+#: The importer's own tags on every image it creates: set, entry, version and group.
+IMPORTER_TAGS: Final = 4
+#: The manifest's tags per image, counting the defaults'.
+MAX_TAGS: Final = IMAGE_MAX_TAGS - IMPORTER_TAGS
+#: Prefixes of the importer's own tags: a manifest tag with one would pass for the
+#: importer's (an entry or a version it never made).
+RESERVED_TAG_PREFIXES: Final = (
+    "importer:",
+    "importer-set:",
+    "importer-version:",
+    "importer-group:",
+)
 #: Versions of an image kept when the manifest does not say (see the module's docstring).
 DEFAULT_KEEP: Final = 2
 CHECKSUM_PREFIX: Final = "sha256:"
@@ -644,7 +660,8 @@ def _check_image(
         problems.append(
             place.problem(
                 f"at most {MAX_TAGS} tags per image, counting the defaults' (this one has "
-                f"{len(tags)})",
+                f"{len(tags)}); the importer adds {IMPORTER_TAGS} of its own, up to "
+                f"{IMAGE_MAX_TAGS}",
                 "tags",
             )
         )
@@ -774,6 +791,11 @@ def _tag_problems(tags: tuple[str, ...], place: _Place, problems: list[Problem])
     count = len(problems)
     for position, tag in enumerate(tags):
         message = tag_problem(tag)
+        if message is None and tag.startswith(RESERVED_TAG_PREFIXES):
+            message = (
+                f"tag {tag!r} starts with one of the importer's own prefixes "
+                f"({', '.join(RESERVED_TAG_PREFIXES)}); choose another name"
+            )
         if message is not None:
             problems.append(place.problem(message, f"tags.{position}"))
     return len(problems) > count

@@ -1,6 +1,10 @@
-"""The run: submit every planned import under the governor, wait for each, report.
+"""The run: read the sources and the account, decide, import, rotate, report.
 
-One task per image inside one task group. Each task turns its own failures into
+Before anything is sent, each source is probed for its version and the set's
+images are listed (:func:`read_plan`); each entry is then decided from the
+account (:mod:`importer.converge`): unchanged entries are settled at once, the
+others get one task each inside one task group (imports wait for a submission
+turn; watching and rotating need none). Each task turns its own failures into
 an :class:`~importer.report.Outcome`; only bugs and cancellation escape it.
 
 Some failures end the whole run instead, because nothing more can succeed after
@@ -9,48 +13,78 @@ unreachable API. A stop asked for from outside (a signal, the deadline) ends it
 the same way. Then the other tasks are cancelled, creates already on the wire
 are allowed to finish (their answers are journaled), and the report is still
 written: images already submitted are ``pending`` (with their ids), the rest
-``not_submitted``. A later run with the same state resumes them.
+``not_submitted``. A later run resumes them (with the same state, or from the
+account alone).
 
 Never a duplicate: a create whose answer is lost is not sent again blindly. The
 entry becomes *uncertain*, and the importer looks for the image by the entry's
-tag before it sends another create (see :meth:`Importer._reconcile`).
+tag before it sends another create (see :mod:`importer.reconcile`).
+
+Each entry's state lives in its :class:`~importer.lifecycle.EntryLifecycle`;
+this module only orchestrates.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 
 import anyio
 import structlog
 
 from importer.api import Image
 from importer.client import ImagesClient
-from importer.clock import Clock, LoopClock
+from importer.clock import Clock, LoopClock, isoformat
+from importer.converge import (
+    Action,
+    Decision,
+    Delete,
+    Rename,
+    Step,
+    created_at,
+    decide,
+    rotate,
+)
 from importer.errors import (
     ApiError,
     ApiUnreachableError,
     AuthenticationError,
+    ImageVanishedError,
     RateLimitedError,
     RejectedError,
     TransientApiError,
     UncertainCreateError,
 )
 from importer.governor import Governor, Window
-from importer.journal import MEMORY, EntryState, Journal, Phase
-from importer.manifest import Manifest
-from importer.plan import GROUP_TAG_PREFIX, PlannedImport, make_plan
+from importer.identity import entry_tag, set_tag
+from importer.inventory import Inventory, entry_tag_of, group_tag_of, read_inventory
+from importer.journal import MEMORY, DeletionState, EntryState, Journal, Phase
+from importer.lifecycle import EntryLifecycle, State, Turn
+from importer.manifest import Entry, Manifest
+from importer.plan import (
+    KnownSource,
+    PlannedImport,
+    RunPlan,
+    SourceFacts,
+    fallback_version,
+    make_plan,
+)
 from importer.poller import StatusPoller
+from importer.progress import RunMonitor, Sources, Tally
 from importer.reconcile import Reconciler
 from importer.redact import redact_text
-from importer.report import ImageResult, Outcome, Report
+from importer.report import RUNNING, ImageResult, OrphanResult, Outcome, Report
 from importer.settings import Settings
 from importer.sizing import HeadSizer
+from importer.sources import SourceProber
 
 Log = structlog.typing.FilteringBoundLogger
+#: The run's report is recorded (journal, and the caller's outputs) this often.
+CHECKPOINT_INTERVAL = 60.0
 
 
 class Stopper:
@@ -71,57 +105,75 @@ class Stopper:
         return self.reason
 
 
-class _Turn:
-    """One entry's turn to submit, handed back exactly once."""
-
-    def __init__(self, semaphore: anyio.Semaphore | None) -> None:
-        self._semaphore = semaphore
-
-    def done(self) -> None:
-        if self._semaphore is not None:
-            self._semaphore.release()
-            self._semaphore = None
+#: How often one entry is decided anew in a run (an image it watched vanished).
+MAX_DECISIONS = 3
+SourcesFn = Callable[[Sequence[Entry]], Awaitable[Mapping[int, SourceFacts]]]
 
 
-@dataclass
-class _Progress:
-    """What is known of one entry so far (mutable: only the run touches it)."""
+async def read_plan(
+    manifest: Manifest,
+    client: ImagesClient,
+    journal: Journal,
+    clock: Clock,
+    *,
+    sources: Mapping[int, SourceFacts] | None = None,
+    prune: bool = False,
+) -> tuple[RunPlan, Inventory]:
+    """Read the account (the set's listing) and decide every entry: sends only GETs.
 
-    result: ImageResult
-    done: bool = False
+    Raises :class:`~importer.errors.ApiError` when the account cannot be read:
+    nothing may be decided without it.
+    """
+    the_set = set_tag(manifest.set)
+    inventory = await read_inventory(client, the_set)
+    items = make_plan(
+        manifest,
+        sources=sources,
+        inventory=inventory,
+        journal=journal,
+        now=isoformat(clock.wall()),
+    )
+    own = {item.tag for item in items}
+    plan = RunPlan(manifest.set, the_set, items, orphans=inventory.orphans(own), prune=prune)
+    return plan, inventory
 
 
 class Importer:
-    """Runs one plan against one API; :meth:`run` once, then :meth:`results`."""
+    """Runs one manifest against one account; :meth:`run` once, then :meth:`results`.
+
+    Orchestration only: what to do next for each entry. What happened is recorded
+    by the entry's :class:`~importer.lifecycle.EntryLifecycle`.
+    """
 
     def __init__(
         self,
-        plan: Sequence[PlannedImport],
+        manifest: Manifest,
         client: ImagesClient,
         poller: StatusPoller,
         journal: Journal,
         clock: Clock,
         settings: Settings,
+        *,
+        sources: SourcesFn | None = None,
+        prune: bool = False,
+        on_plan: Callable[[RunPlan], None] | None = None,
     ) -> None:
-        self._plan = tuple(plan)
+        self._manifest = manifest
         self._client = client
         self._poller = poller
         self._journal = journal
         self._clock = clock
         self._settings = settings
+        self._sources = sources
+        self._prune = prune
+        self._on_plan = on_plan
         self._log: Log = structlog.get_logger("importer.pipeline")
-        self._progress = {
-            item.index: _Progress(
-                ImageResult(
-                    index=item.index,
-                    name=item.entry.name,
-                    region=item.entry.region,
-                    tag=item.tag,
-                    outcome=Outcome.NOT_SUBMITTED,
-                )
-            )
-            for item in self._plan
-        }
+        self._entries: dict[int, EntryLifecycle] = {}
+        #: Every live image of each entry of the plan, as last seen (id -> image).
+        self._known: dict[str, dict[int, Image]] = {}
+        self.plan: RunPlan | None = None
+        self.orphans: dict[int, OrphanResult] = {}
+        poller.on_listed = self._listed
         self._reconciler = Reconciler(
             client,
             journal,
@@ -134,11 +186,23 @@ class Importer:
         self._scope: anyio.CancelScope | None = None
         self._run_failures: set[str] = set()
         self.stopped: str | None = None
+        #: Set when the run starts stopping early.
+        self.stopping = anyio.Event()
+        #: Entries by progress label, kept as they change (see :mod:`importer.progress`).
+        self.tally = Tally({entry.index: State.PLANNED.value for entry in manifest.entries})
+        #: Entries whose report row changed since :meth:`changed_results` last asked (at
+        #: first, all of them).
+        self._changed: set[int] = {entry.index for entry in manifest.entries}
 
     # -- running ------------------------------------------------------------------
 
     async def run(self, stopper: Stopper | None = None) -> None:
-        self._log.info("run.started", images=len(self._plan), api_url=self._settings.api_url)
+        self._log.info(
+            "run.started",
+            images=len(self._manifest.entries),
+            set=self._manifest.set,
+            api_url=self._settings.api_url,
+        )
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._report_progress)
             outer.start_soon(self._poller.run)
@@ -147,24 +211,17 @@ class Importer:
             if self._settings.deadline is not None:
                 outer.start_soon(self._stop_at_deadline, self._settings.deadline)
             with anyio.CancelScope() as self._scope:
-                # An image's task starts when its turn to submit comes: thousands of
-                # tasks queued inside the client would cost memory and nothing else.
-                turns = anyio.Semaphore(self._settings.concurrency)
-                async with anyio.create_task_group() as images:
-                    # Entries an earlier run submitted or finished need no turn.
-                    to_submit = []
-                    for item in self._plan:
-                        state = self._journal.get(item.tag)
-                        if state is not None and state.phase in (Phase.SUBMITTED, Phase.FINISHED):
-                            images.start_soon(self._import_one, item, _Turn(None))
-                        else:
-                            to_submit.append(item)
-                    for item in to_submit:
-                        await turns.acquire()
-                        images.start_soon(self._import_one, item, _Turn(turns))
+                plan = await self._make_plan()
+                if plan is not None:
+                    await self._execute(plan)
             outer.cancel_scope.cancel()
-        self._finish_unfinished()
-        counts = Counter(p.result.outcome.value for p in self._progress.values())
+        for entry in self._entries.values():
+            if not entry.done:
+                entry.stopped()
+            # Deletions an earlier (killed) run left unreported, or whose answer this
+            # run never had: the journal names them.
+            entry.journaled_deletions(self._journal.unreported_deletions(entry.tag))
+        counts = Counter(result.outcome.value for result in self.results())
         self._log.info("run.finished", stopped=self.stopped, **counts)
 
     def stop(self, reason: str) -> None:
@@ -172,6 +229,7 @@ class Importer:
         if self.stopped is None:
             self.stopped = reason
             self._log.warning("run.stopping", reason=reason)
+            self.stopping.set()
         if self._scope is not None:
             self._scope.cancel()
 
@@ -182,88 +240,276 @@ class Importer:
         await self._clock.sleep(seconds)
         self.stop("deadline")
 
-    async def _import_one(self, item: PlannedImport, turn: _Turn) -> None:
-        try:
-            await self._import(item, turn)
-        finally:
-            turn.done()
+    # -- planning -------------------------------------------------------------------
 
-    async def _import(self, item: PlannedImport, turn: _Turn) -> None:
-        log = self._log.bind(index=item.index, name=item.entry.name, region=item.entry.region)
-        state = self._journal.get(item.tag)
-        if state is not None and state.phase is Phase.FINISHED:
-            self._restore(item, state)
-            log.info("image.resumed", outcome=state.outcome, image_id=state.image_id)
-            return
+    async def _make_plan(self) -> RunPlan | None:
+        """Probe the sources, read the account, decide: before anything is sent."""
+        sources = await self._sources(self._manifest.entries) if self._sources else None
         try:
-            submitted = await self._ensure_submitted(item, state, log, turn)
-            if submitted is None:
-                return
-            image_id, fresh, group = submitted
-            while True:
-                lost: str | None = None
-                try:
-                    final = await self._wait_for(item, image_id, fresh, group, log)
-                except (AuthenticationError, ApiUnreachableError):
-                    raise
-                except ApiError as exc:
-                    # Polling gave up on this image (e.g. it vanished), or an answer no
-                    # rule foresaw: this image's failure, not the run's.
-                    final, lost = None, exc.safe_message
-                left: tuple[int, ...] = ()
-                if self._journal_uncertain(item) > 0:
-                    # Whatever the outcome, the entry must not end with a second live
-                    # image, and keeps the best copy its creates made.
-                    polled = self._polled(item, image_id, final, lost)
-                    swept = await self._reconciler.sweep(item, polled=polled, log=log)
-                    self._update(item, duplicates_deleted=swept.deleted)
-                    left = swept.left
-                    kept = swept.kept
-                    if kept is not None and kept.id != image_id:
-                        self._kept(item, kept, log)
-                        image_id, fresh, lost = kept.id, False, None
-                        group = _group_of(kept, item)
-                        if not kept.is_available:
-                            continue  # watch the copy kept, within the same timeout
-                        final = kept
-                break
-            if lost is not None:
-                self._finish(item, Outcome.FAILED, error=lost)
-                log.warning("image.failed", image_id=image_id, error=lost)
-            elif final is None:
-                error = _left_note("timed out waiting for the import", left)
-                self._finish(item, Outcome.TIMED_OUT, error=error)
-                log.warning(
-                    "image.timed_out", image_id=image_id, timeout=self._settings.image_timeout
-                )
-            else:
-                self._finished_with(item, final, log, left=left)
+            plan, inventory = await read_plan(
+                self._manifest,
+                self._client,
+                self._journal,
+                self._clock,
+                sources=sources,
+                prune=self._prune,
+            )
         except AuthenticationError as exc:
-            self._fail_run(item, "authentication_failed", exc)
+            self._fail_run(None, "authentication_failed", exc)
+            return None
         except ApiUnreachableError as exc:
-            self._fail_run(item, "api_unreachable", exc)
+            self._fail_run(None, "api_unreachable", exc)
+            return None
         except ApiError as exc:
-            # Polling gave up on this image (e.g. it vanished), or an answer no rule
-            # foresaw: this image's failure, not the run's.
-            self._finish(item, Outcome.FAILED, error=exc.safe_message)
-            log.warning("image.failed", error=exc.safe_message)
+            # Deciding without the account could only make duplicates.
+            self._fail_run(None, "account_unreadable", exc)
+            return None
+        self.plan = plan
+        for item in plan.items:
+            self._known[item.tag] = {image.id: image for image in inventory.entry(item.tag)}
+            self._entries[item.index] = EntryLifecycle(
+                item, self._journal, self._clock, self._log, observer=self._entry_changed
+            )
+        self.orphans = {
+            image.id: OrphanResult(image.id, image.name, entry_tag_of(image), image.status)
+            for image in plan.orphans
+        }
+        self._log_plan(plan)
+        if self._on_plan is not None:
+            self._on_plan(plan)
+        return plan
+
+    def _log_plan(self, plan: RunPlan) -> None:
+        counts = plan.counts()
+        self._log.info("plan.made", set=plan.set, summary=plan.summary_line(), **counts)
+        for fields in plan.entry_events():
+            # One line per entry with something to do; ``importer run`` shows the table.
+            self._log.debug("plan.entry", **fields)
+        for image in plan.orphans:
+            self._log.warning("plan.orphan", image_id=image.id, name=image.name, delete=plan.prune)
+
+    # -- executing ------------------------------------------------------------------
+
+    async def _execute(self, plan: RunPlan) -> None:
+        # An image's task starts when its turn to submit comes: thousands of
+        # tasks queued inside the client would cost memory and nothing else.
+        turns = anyio.Semaphore(self._settings.concurrency)
+        async with anyio.create_task_group() as images:
+            if self._prune and plan.orphans:
+                images.start_soon(self._prune_orphans, plan.orphans)
+            waiting: list[EntryLifecycle] = []
+            for item in plan.items:
+                entry = self._entries[item.index]
+                decision = item.decision
+                if decision.action is Action.ERROR:
+                    entry.source_failed(decision.error or "the source could not be read")
+                elif decision.imports:
+                    waiting.append(entry)
+                elif self._nothing_to_do(item):
+                    # Most of a nightly run: settled here, without a task.
+                    assert decision.image is not None
+                    entry.unchanged(decision.image)
+                    entry.available(decision.image)
+                else:
+                    # Watching or rotating needs no turn to submit.
+                    images.start_soon(self._import_one, entry, Turn())
+            for entry in waiting:
+                await turns.acquire()
+                images.start_soon(self._import_one, entry, Turn(turns))
+
+    @staticmethod
+    def _nothing_to_do(item: PlannedImport) -> bool:
+        decision = item.decision
+        if decision.action is not Action.UNCHANGED or decision.reconcile:
+            return False
+        if item.version is None:
+            # The source could not be probed: its image is kept as it is, unrotated.
+            return True
+        return (
+            item.rotation is not None
+            and item.rotation.is_empty
+            and decision.image is not None
+            and decision.image.id == item.rotation.keeper
+        )
+
+    async def _import_one(self, entry: EntryLifecycle, turn: Turn) -> None:
+        entry.take_turn(turn)
+        try:
+            await self._import(entry)
+        finally:
+            entry.close()
+
+    async def _import(self, entry: EntryLifecycle) -> None:
+        decision: Decision | None = entry.item.decision
+        try:
+            for attempt in range(1, MAX_DECISIONS + 1):
+                assert decision is not None
+                decision = await self._pursue(entry, decision, last=attempt == MAX_DECISIONS)
+                if decision is None:
+                    return
+        except AuthenticationError as exc:
+            self._fail_run(entry, "authentication_failed", exc)
+        except ApiUnreachableError as exc:
+            self._fail_run(entry, "api_unreachable", exc)
+        except ApiError as exc:
+            # Polling gave up on this image, or an answer no rule foresaw: this
+            # entry's failure, not the run's.
+            entry.failed(exc.safe_message)
+
+    async def _pursue(
+        self, entry: EntryLifecycle, decision: Decision, *, last: bool
+    ) -> Decision | None:
+        """Carry out one decision; a new one when the entry must be decided again."""
+        item = entry.item
+        row = entry.row()
+        if decision.reconcile and row is not None and row.phase is Phase.CREATING:
+            # An earlier run's create whose answer was lost: find its image first.
+            entry.resumed_uncertain(row)
+            if not decision.imports:
+                found = await self._reconciler.find(item, entry.log)
+                entry.duplicates_deleted(self._journal_duplicates(entry))
+                if found is not None:
+                    entry.adopted(found)
+                    self._learn(entry.tag, found)
+                    group = group_tag_of(found) or item.group
+                    return await self._watch(
+                        entry, found.id, group, fresh=False, ours=True, last=last
+                    )
+        if decision.action is Action.ERROR:
+            entry.source_failed(decision.error or "the source could not be read")
+            return None
+        if decision.action is Action.UNCHANGED:
+            assert decision.image is not None
+            entry.unchanged(decision.image)
+            await self._rotate(entry, decision.image)
+            return None
+        if decision.action is Action.WATCH:
+            return await self._watch_earlier(entry, decision, row, last=last)
+        image = await self._submit(entry)
+        if image is None:
+            return None
+        self._learn(entry.tag, image)
+        group = group_tag_of(image) or item.group
+        return await self._watch(entry, image.id, group, fresh=True, ours=True, last=last)
+
+    async def _watch_earlier(
+        self, entry: EntryLifecycle, decision: Decision, row: EntryState | None, *, last: bool
+    ) -> Decision | None:
+        """Watch an image an earlier run created, found in the account or the journal."""
+        image = decision.image
+        if image is not None:
+            group = group_tag_of(image) or entry.item.group
+            entry.watching(
+                image.id,
+                image.status,
+                submitted_at=created_at(image),
+                group=group,
+                source="account",
+            )
+            return await self._watch(entry, image.id, group, fresh=False, ours=False, last=last)
+        assert decision.image_id is not None
+        group = (row.group if row is not None else None) or entry.item.group
+        entry.watching(
+            decision.image_id,
+            row.status if row is not None else None,
+            submitted_at=row.submitted_at if row is not None else None,
+            group=group,
+            source="journal",
+        )
+        return await self._watch(
+            entry, decision.image_id, group, fresh=False, ours=False, last=last
+        )
+
+    async def _watch(
+        self,
+        entry: EntryLifecycle,
+        image_id: int,
+        group: str,
+        *,
+        fresh: bool,
+        ours: bool,
+        last: bool,
+    ) -> Decision | None:
+        while True:
+            lost: ImageVanishedError | None = None
+            try:
+                final = await self._wait_for(entry, image_id, fresh, group)
+            except ImageVanishedError as exc:
+                final, lost = None, exc
+            left: tuple[int, ...] = ()
+            if self._uncertain_creates(entry) > 0 and entry.state is State.IMPORTING:
+                # Whatever the outcome (the image gone too), the entry must not end with
+                # a second copy of what its lost creates made, and keeps the best one.
+                polled = _polled(image_id, final, lost, entry.result.status)
+                swept = await self._reconciler.sweep(entry.item, polled=polled, log=entry.log)
+                entry.duplicates_deleted(swept.deleted)
+                left = swept.left
+                for gone in (*swept.deleted, *left):
+                    # Rotation must not delete them again (nor trip over those left).
+                    self._forget(entry.tag, gone)
+                kept = swept.kept
+                if kept is not None and kept.id != image_id:
+                    entry.switched(kept)
+                    self._learn(entry.tag, kept)
+                    image_id, fresh, ours, lost = kept.id, False, True, None
+                    group = group_tag_of(kept) or entry.item.group
+                    if not kept.is_available:
+                        continue  # watch the copy kept, within the same timeout
+                    final = kept
+            break
+        if lost is not None:
+            if last:
+                raise lost
+            # Deleted by someone (a person, or another run keeping another copy), or
+            # failed and purged before anyone read it.
+            return await self._redecide(entry, image_id, lost.safe_message)
+        if final is None:
+            entry.timed_out(self._settings.image_timeout, note=_left_note(None, left))
+            return None
+        self._learn(entry.tag, final)
+        if final.is_available:
+            await self._rotate(entry, final, left=left)
+            return None
+        error = redact_text(final.error_message) or f"the image turned {final.status}"
+        if not ours and not last:
+            # An earlier run's import failed: this run imports the entry again.
+            return await self._redecide(entry, image_id, error)
+        entry.failed(_left_note(error, left) or error, final)
+        return None
+
+    async def _redecide(self, entry: EntryLifecycle, image_id: int, error: str) -> Decision:
+        """The watched image is gone or failed: decide again from a fresh look at the entry."""
+        self._forget(entry.tag, image_id)
+        for image in await self._client.list(tag_name=entry.tag):
+            self._learn(entry.tag, image)
+        images = [i for i in self._known[entry.tag].values() if i.id != image_id]
+        item = entry.item
+        decision = decide(
+            name=item.entry.name,
+            version_tag=item.version_tag,
+            source_error=item.source_error,
+            images=images,
+            row=None,
+        )
+        entry.lost(error, decision)
+        return decision
 
     async def _wait_for(
-        self, item: PlannedImport, image_id: int, fresh: bool, group: str, log: Log
+        self, entry: EntryLifecycle, image_id: int, fresh: bool, group: str
     ) -> Image | None:
         """The image once it finished, or ``None`` at its timeout (counted from submission)."""
-        submitted_at = self._progress[item.index].result.submitted_at
+        submitted_at = entry.result.submitted_at
         elapsed = self._clock.wall() - submitted_at if submitted_at is not None else 0.0
         with self._clock.move_on_after(max(0.0, self._settings.image_timeout - elapsed)):
-            state = self._journal.get(item.tag)
+            row = entry.row()
             return await self._poller.wait(
                 image_id,
-                lambda i: self._saw(item, i, log),
+                lambda image: self._saw(entry, image),
                 group=group,
-                size=item.size,
+                size=entry.item.size,
                 submitted_at=submitted_at,
                 fresh=fresh,
-                sent_at=state.last_sent_at if state is not None else None,
+                sent_at=row.last_sent_at if row is not None else None,
             )
         # Time is up (perhaps between runs): one last look, so that an import that
         # finished or failed meanwhile is reported as what it is (a failed image
@@ -272,226 +518,266 @@ class Importer:
             image = await self._poller.look(image_id)
         except (TransientApiError, RateLimitedError):
             return None
-        self._saw(item, image, log)
+        self._saw(entry, image)
         return image if image.is_available or image.has_failed else None
 
-    def _polled(
-        self, item: PlannedImport, image_id: int, final: Image | None, lost: str | None
-    ) -> Image:
-        """The entry's image as last seen, for the sweep: finished, gone, or still importing."""
-        if final is not None:
-            return final
-        if lost is not None:
-            return Image(id=image_id, status="deleted", error_message=lost)
-        return Image(id=image_id, status=self._progress[item.index].result.status or "NEW")
-
-    def _kept(self, item: PlannedImport, image: Image, log: Log) -> None:
-        """Another copy of the entry's (available first, then the oldest) is its image now."""
-        self._journal.submitted(item.tag, image.id, image.status, self._clock.wall())
-        self._update(item, image_id=image.id, status=image.status)
-        log.info("image.kept", image_id=image.id, status=image.status)
+    def _saw(self, entry: EntryLifecycle, image: Image) -> None:
+        self._learn(entry.tag, image)
+        # A read by id still in flight when a listing ended the watch answers late: the
+        # entry has moved on, and the news is only worth the account's view above.
+        if entry.state is State.IMPORTING:
+            entry.saw(image)
 
     # -- submitting, without ever making a duplicate --------------------------------
 
-    async def _ensure_submitted(
-        self, item: PlannedImport, state: EntryState | None, log: Log, turn: _Turn
-    ) -> tuple[int, bool, str] | None:
-        """The entry's image id, creating the image if (and only if) it does not exist.
+    async def _submit(self, entry: EntryLifecycle) -> Image | None:
+        """Create the entry's image, unless the uncertain create before it made one.
 
-        Also says whether this run created it just now, and the group tag the
-        image carries. ``turn`` is handed back once the first create has an
-        answer (or none is needed), so that the next entry may start.
+        ``None`` when the entry ended without an image.
         """
-        if state is not None and state.phase is Phase.SUBMITTED and state.image_id is not None:
-            turn.done()
-            self._update(
-                item, image_id=state.image_id, status=state.status, submitted_at=state.submitted_at
-            )
-            log.info("image.resumed", image_id=state.image_id, status=state.status)
-            return state.image_id, False, state.group or item.group
-        uncertain = state is not None and state.phase is Phase.CREATING
-        if state is not None and uncertain and state.uncertain < state.creates_sent:
-            # A previous run sent a create and was stopped (or killed) before it
-            # learned the outcome: count that create as uncertain, once.
-            self._journal.uncertain(item.tag, self._clock.wall())
-        creates = self._journal_uncertain(item)
+        item = entry.item
+        creates = self._uncertain_creates(entry)
         while True:
-            if uncertain:
-                turn.done()  # reconciling may take long; let the next entry go
-                found = await self._reconciler.find(item, log)
-                self._update(item, duplicates_deleted=self._journal_duplicates(item))
+            if entry.state is State.UNCERTAIN:
+                found = await self._reconciler.find(item, entry.log)
+                entry.duplicates_deleted(self._journal_duplicates(entry))
                 if found is not None:
-                    group = _group_of(found, item)
-                    return self._submitted(item, found, log, adopted=True), False, group
+                    entry.adopted(found)
+                    return found
             if creates >= self._settings.max_creates:
-                error = f"gave up after {creates} creates whose outcome stayed unknown"
-                self._finish(item, Outcome.FAILED, error=error)
-                log.error("image.abandoned", creates=creates)
+                entry.abandoned(creates)
                 return None
             creates += 1
             try:
                 image = await self._client.create(
-                    item.create_request(),
-                    on_send=lambda: self._journal.creating(
-                        item.tag,
-                        item.entry.name,
-                        item.entry.region,
-                        self._clock.wall(),
-                        group=item.group,
-                    ),
-                    on_not_sent=lambda: self._journal.not_sent(item.tag),
+                    item.create_request(), on_send=entry.sending, on_not_sent=entry.not_sent
                 )
             except RateLimitedError as exc:
                 # Never processed, so never created: the entry stays to be submitted.
-                turn.done()
-                self._update(item, error=exc.safe_message)
-                log.warning("image.not_submitted", error=exc.safe_message)
+                entry.not_submitted(exc.safe_message)
                 return None
             except RejectedError as exc:
-                turn.done()
-                self._finish(item, Outcome.REJECTED, error=exc.safe_message)
-                log.warning("image.rejected", status=exc.status, error=exc.safe_message)
+                entry.rejected(exc.safe_message, exc.status)
                 return None
             except UncertainCreateError as exc:
-                turn.done()
-                self._journal.uncertain(item.tag, self._clock.wall())
-                log.warning("image.uncertain", error=exc.safe_message, creates=creates)
-                uncertain = True
+                entry.uncertain(exc.safe_message, creates)
                 continue
-            turn.done()
-            return self._submitted(item, image, log, adopted=False), True, item.group
+            entry.submitted(image)
+            return image
 
-    def _journal_uncertain(self, item: PlannedImport) -> int:
-        state = self._journal.get(item.tag)
-        return state.uncertain if state is not None else 0
+    def _uncertain_creates(self, entry: EntryLifecycle) -> int:
+        row = entry.row()
+        return row.uncertain if row is not None else 0
 
-    def _journal_duplicates(self, item: PlannedImport) -> tuple[int, ...]:
-        state = self._journal.get(item.tag)
-        return state.duplicates if state is not None else ()
-
-    def _submitted(self, item: PlannedImport, image: Image, log: Log, *, adopted: bool) -> int:
-        now = self._clock.wall()
-        self._journal.submitted(item.tag, image.id, image.status, now)
-        self._update(item, image_id=image.id, status=image.status, submitted_at=now)
-        log.info("image.adopted" if adopted else "image.submitted", image_id=image.id, tag=item.tag)
-        return image.id
+    def _journal_duplicates(self, entry: EntryLifecycle) -> tuple[int, ...]:
+        row = entry.row()
+        return row.duplicates if row is not None else ()
 
     def _importing_group(self) -> str | None:
-        for item in self._plan:
-            result = self._progress[item.index].result
+        for entry in self._entries.values():
+            result = entry.result
             if result.image_id is not None and result.status in ("NEW", "pending"):
-                return item.group
+                return entry.item.group
         return None
 
-    # -- watching -------------------------------------------------------------------
+    # -- rotation: the name on the newest, older versions kept or deleted -----------
 
-    def _saw(self, item: PlannedImport, image: Image, log: Log) -> None:
-        if self._progress[item.index].result.status != image.status:
-            log.info("image.status", image_id=image.id, status=image.status)
-            self._journal.status(item.tag, image.status, self._clock.wall())
-        self._update(item, status=image.status)
-
-    def _finished_with(
-        self, item: PlannedImport, image: Image, log: Log, *, left: tuple[int, ...] = ()
+    async def _rotate(
+        self, entry: EntryLifecycle, image: Image, *, left: tuple[int, ...] = ()
     ) -> None:
-        if image.is_available:
-            self._finish(item, Outcome.AVAILABLE, error=_left_note(None, left))
-            log.info("image.available", image_id=image.id)
-        else:
-            error = redact_text(image.error_message) or f"the image turned {image.status}"
-            self._finish(item, Outcome.FAILED, error=_left_note(error, left))
-            log.warning("image.failed", image_id=image.id, status=image.status, error=error)
+        """Put the entry's names and versions right, from what the account showed.
 
-    def _fail_run(self, item: PlannedImport, reason: str, exc: ApiError) -> None:
+        ``left``: extra copies the sweep could not delete, named in the entry's error.
+        """
+        item = entry.item
+        vtag = item.version_tag
+        assert vtag is not None  # an entry without a version imports nothing
+        if vtag not in (image.tags or ()):
+            # The image this entry watched is of this version, whatever its answer showed.
+            image = image.model_copy(update={"tags": (*(image.tags or ()), vtag)})
+        self._learn(entry.tag, image)
+        known = self._known[entry.tag]
+        rotation = rotate(
+            name=item.entry.name,
+            keep=item.entry.keep,
+            version_tag=vtag,
+            images=list(known.values()),
+        )
+        assert rotation is not None  # ``image`` is an available image of this version
+        keeper = known[rotation.keeper]
+        if keeper.id != entry.result.image_id:
+            entry.kept(keeper)
+        problems: list[str] = []
+        if rotation.steps:
+            entry.rotating(len(rotation.steps))
+            problems = await self._apply(entry, rotation.steps)
+        error = None
+        if problems:
+            error = "names and versions not put right (the next run finishes): " + "; ".join(
+                problems
+            )
+        entry.available(known.get(keeper.id, keeper), error=_left_note(error, left))
+
+    async def _apply(self, entry: EntryLifecycle, steps: Sequence[Step]) -> list[str]:
+        known = self._known[entry.tag]
+        problems: list[str] = []
+        for step in steps:
+            try:
+                if isinstance(step, Rename):
+                    renamed = await self._client.update(step.image_id, name=step.new)
+                    known[step.image_id] = renamed
+                    entry.renamed(step.image_id, step.old, step.new)
+                else:
+                    # Journaled before it leaves: a kill mid-request still names it.
+                    self._journal.deleting(
+                        entry.tag, step.image_id, self._clock.wall(), reason=step.reason
+                    )
+                    await self._client.delete(step.image_id)
+                    self._journal.deletion_result(
+                        step.image_id, DeletionState.DELETED, self._clock.wall()
+                    )
+                    known.pop(step.image_id, None)
+                    entry.deleted(step.image_id, step.reason)
+            except (AuthenticationError, ApiUnreachableError):
+                raise
+            except RejectedError as exc:
+                if exc.status == 404:
+                    if isinstance(step, Delete):
+                        self._journal.deletion_result(
+                            step.image_id, DeletionState.GONE, self._clock.wall()
+                        )
+                    known.pop(step.image_id, None)  # gone already
+                    continue
+                if isinstance(step, Delete):
+                    self._journal.deletion_result(
+                        step.image_id, DeletionState.REFUSED, self._clock.wall(), exc.safe_message
+                    )
+                # Refused (an image still importing may not be deletable): say so, go on.
+                problems.append(f"image {step.image_id}: {exc.safe_message}")
+                entry.log.warning(
+                    "image.rotation_refused", image_id=step.image_id, error=exc.safe_message
+                )
+            except ApiError as exc:
+                problems.append(f"image {step.image_id}: {exc.safe_message}")
+                entry.log.warning(
+                    "image.rotation_failed", image_id=step.image_id, error=exc.safe_message
+                )
+                break  # the steps after it rely on it (the name must be free first)
+        return problems
+
+    async def _prune_orphans(self, orphans: Sequence[Image]) -> None:
+        """``--prune``: delete the set's images whose entry left the manifest."""
+        for image in orphans:
+            result = self.orphans[image.id]
+            try:
+                await self._client.delete(image.id)
+            except AuthenticationError as exc:
+                self._fail_run(None, "authentication_failed", exc)
+                return
+            except ApiUnreachableError as exc:
+                self._fail_run(None, "api_unreachable", exc)
+                return
+            except RejectedError as exc:
+                if exc.status != 404:
+                    self.orphans[image.id] = replace(result, error=exc.safe_message)
+                    self._log.warning(
+                        "image.prune_failed", image_id=image.id, error=exc.safe_message
+                    )
+                    continue
+            except ApiError as exc:
+                self.orphans[image.id] = replace(result, error=exc.safe_message)
+                self._log.warning("image.prune_failed", image_id=image.id, error=exc.safe_message)
+                continue
+            self.orphans[image.id] = replace(result, deleted=True)
+            self._log.info("image.pruned", image_id=image.id, name=image.name)
+
+    # -- what the account showed --------------------------------------------------------
+
+    def _listed(self, images: Sequence[Image]) -> None:
+        """A group listing: note every image of an entry of the plan (another run's too)."""
+        for image in images:
+            tag = entry_tag_of(image)
+            if tag is not None and tag in self._known:
+                self._learn(tag, image)
+
+    def _learn(self, tag: str, image: Image) -> None:
+        known = self._known.setdefault(tag, {})
+        if image.has_failed:
+            known.pop(image.id, None)
+        else:
+            known[image.id] = image
+
+    def _forget(self, tag: str, image_id: int) -> None:
+        self._known.get(tag, {}).pop(image_id, None)
+
+    def _fail_run(self, entry: EntryLifecycle | None, reason: str, exc: ApiError) -> None:
         # Every image task that was waiting learns of the one event: it is logged once.
         if reason not in self._run_failures:
             self._run_failures.add(reason)
             self._log.error(f"run.{reason}", error=str(exc))
-        self._update(item, error=exc.safe_message)
+        if entry is not None:
+            entry.note_error(exc.safe_message)
         self.stop(reason)
 
-    # -- bookkeeping --------------------------------------------------------------
+    # -- reporting ------------------------------------------------------------------
 
-    def _update(self, item: PlannedImport, **changes: object) -> None:
-        progress = self._progress[item.index]
-        progress.result = replace(progress.result, **changes)  # type: ignore[arg-type]
-
-    def _finish(self, item: PlannedImport, outcome: Outcome, *, error: str | None = None) -> None:
-        progress = self._progress[item.index]
-        now = self._clock.wall()
-        progress.result = replace(progress.result, outcome=outcome, error=error, finished_at=now)
-        progress.done = True
-        self._journal.finished(
-            item.tag, item.entry.name, item.entry.region, outcome.value, error, now
-        )
-
-    def _restore(self, item: PlannedImport, state: EntryState) -> None:
-        progress = self._progress[item.index]
-        progress.result = replace(
-            progress.result,
-            outcome=Outcome(state.outcome or Outcome.FAILED),
-            image_id=state.image_id,
-            status=state.status,
-            error=state.error,
-            submitted_at=state.submitted_at,
-            finished_at=state.finished_at,
-            duplicates_deleted=state.duplicates,
-        )
-        progress.done = True
-
-    def _finish_unfinished(self) -> None:
-        """What a stopped run reports of the entries it did not finish: the journal's word."""
-        for item in self._plan:
-            progress = self._progress[item.index]
-            if progress.done:
-                continue
-            state = self._journal.get(item.tag)
-            if state is None:
-                continue  # not_submitted, with the reason if there is one
-            if state.phase is Phase.FINISHED:
-                self._restore(item, state)
-            elif state.phase is Phase.SUBMITTED:
-                progress.result = replace(
-                    progress.result,
-                    outcome=Outcome.PENDING,
-                    image_id=state.image_id,
-                    status=state.status,
-                    submitted_at=state.submitted_at,
-                    duplicates_deleted=state.duplicates,
-                )
-            else:
-                error = "the create's outcome is not known yet; a run with the same state finds out"
-                progress.result = replace(
-                    progress.result,
-                    outcome=Outcome.PENDING,
-                    error=error,
-                    duplicates_deleted=state.duplicates,
-                )
+    def _entry_changed(self, entry: EntryLifecycle) -> None:
+        """An entry's state or report row changed: count it anew (O(1), not a recount)."""
+        index = entry.item.index
+        self._changed.add(index)
+        moved = self.tally.move(index, entry.progress_label)
+        if moved and entry.state is State.FINISHED and not entry.result.outcome.is_success:
+            self.tally.failed(entry.result)
 
     async def _report_progress(self) -> None:
         while True:
             await self._clock.sleep(self._settings.progress_interval)
-            counts = Counter(
-                p.result.outcome.value
-                if p.done
-                else ("importing" if p.result.image_id is not None else "queued")
-                for p in self._progress.values()
-            )
             self._log.info(
                 "run.progress",
-                total=len(self._progress),
+                total=self.tally.total,
                 requests=self._client.requests_sent,
-                **counts,
+                **dict(self.tally.counts()),
             )
 
     def results(self) -> tuple[ImageResult, ...]:
         """One result per entry, in manifest order."""
-        return tuple(self._progress[index].result for index in sorted(self._progress))
+        if not self._entries:  # stopped before the plan was made
+            return tuple(
+                ImageResult(
+                    index=entry.index,
+                    name=entry.name,
+                    region=entry.region,
+                    tag=entry_tag(self._manifest.set, entry.name, entry.region),
+                    outcome=Outcome.NOT_SUBMITTED,
+                )
+                for entry in self._manifest.entries
+            )
+        return tuple(self._entries[index].result for index in sorted(self._entries))
+
+    def interim_results(self) -> tuple[ImageResult, ...]:
+        """:meth:`results` while the run goes on: an image being imported is ``pending``."""
+        if not self._entries:
+            return self.results()
+        return tuple(_interim(self._entries[index]) for index in sorted(self._entries))
+
+    def changed_results(self) -> tuple[ImageResult, ...]:
+        """The interim results of the entries that changed since the last call."""
+        changed, self._changed = sorted(self._changed), set()
+        if not self._entries:  # before the plan: what results() says of each
+            before = {result.index: result for result in self.results()}
+            return tuple(before[index] for index in changed if index in before)
+        return tuple(_interim(self._entries[index]) for index in changed if index in self._entries)
 
 
-def _group_of(image: Image, item: PlannedImport) -> str:
-    """The group tag ``image`` carries (the entry's own if it carries none)."""
-    return next((t for t in image.tags or () if t.startswith(GROUP_TAG_PREFIX)), item.group)
+def _polled(
+    image_id: int, final: Image | None, lost: ImageVanishedError | None, status: str | None
+) -> Image:
+    """The watched image as last seen, for the sweep: finished, gone, or still importing."""
+    if final is not None:
+        return final
+    if lost is not None:
+        return Image(id=image_id, status="deleted", error_message=lost.safe_message)
+    return Image(id=image_id, status=status or "NEW")
 
 
 def _left_note(error: str | None, left: tuple[int, ...]) -> str | None:
@@ -506,6 +792,12 @@ def _left_note(error: str | None, left: tuple[int, ...]) -> str | None:
     return f"{error}; {note}" if error else note
 
 
+def _interim(entry: EntryLifecycle) -> ImageResult:
+    if not entry.done and entry.result.image_id is not None:
+        return replace(entry.result, outcome=Outcome.PENDING)
+    return entry.result
+
+
 async def run_import(
     manifest: Manifest,
     settings: Settings,
@@ -514,17 +806,34 @@ async def run_import(
     stopper: Stopper | None = None,
     journal: Journal | None = None,
     sizer: HeadSizer | None = None,
+    prober: SourceProber | None = None,
+    size_order: bool = True,
+    prune: bool = False,
+    on_plan: Callable[[RunPlan], None] | None = None,
     seed: int | None = None,
+    on_start: Callable[[RunMonitor], None] | None = None,
+    on_checkpoint: Callable[[Report], None] | None = None,
 ) -> Report:
-    """Import every image of ``manifest``; the report says how each ended.
+    """Make the account hold what ``manifest`` asks for; the report says how each entry ended.
 
     Raises only for bugs, cancellation, and a state file that cannot be used
     (:class:`~importer.errors.StateLockedError` when another process holds it).
     ``journal`` is an already open journal (the caller closes it); without one,
-    ``settings.state_path`` is opened for the run. With a ``sizer``, the source
-    files are sized first (``HEAD``, no API budget) and the longest imports go first.
-    Every API failure becomes part of the report; ``report.stopped`` says whether
-    the run ended early, and why.
+    ``settings.state_path`` is opened for the run. With a ``prober``, each source is
+    asked once (``HEAD``, no API budget) for its size and version; with only a
+    ``sizer``, for its size (the version is then the entry's checksum, else its
+    URL). Known sizes send the longest imports first, unless ``size_order`` is
+    false (the manifest's order then stands). ``prune`` deletes the set's
+    images whose entry left the manifest; ``on_plan`` sees the plan before anything
+    is sent. Every API failure becomes part of the report; ``report.stopped`` says
+    whether the run ended early, and why.
+
+    The run's report so far is recorded in the journal when the run starts, every
+    :data:`CHECKPOINT_INTERVAL` of the clock, when it starts stopping, and at the
+    end (``importer status`` reads it); ``on_checkpoint`` receives the same report
+    at each of those but the first and the last (``stopped`` is ``running`` until
+    the run stops), to rewrite outputs that a killed run should leave recent.
+    ``on_start`` receives the monitor of the run's progress as the run starts.
     """
     clock = clock or LoopClock()
     rng = random.Random(seed)  # noqa: S311 - jitter, not cryptography
@@ -537,7 +846,6 @@ async def run_import(
         ),
     )
     started = clock.wall()
-    sizes = await sizer.sizes(manifest.entries) if sizer is not None else None
     with contextlib.ExitStack() as stack:
         if journal is None:
             journal = stack.enter_context(Journal(settings.state_path or MEMORY))
@@ -550,17 +858,170 @@ async def run_import(
                 image_timeout=settings.image_timeout,
                 rng=rng,
             )
-            plan = make_plan(manifest, sizes)
-            importer = Importer(plan, client, poller, journal, clock, settings)
-            await importer.run(stopper)
-    return Report(
-        manifest=manifest.source,
-        api_url=settings.api_url,
-        started_at=started,
-        finished_at=clock.wall(),
-        images=importer.results(),
-        requests=client.requests_sent,
-        rate_limited=governor.rate_limited,
-        stopped=importer.stopped,
-        requests_by_endpoint=dict(client.sent),
+            importer = Importer(
+                manifest,
+                client,
+                poller,
+                journal,
+                clock,
+                settings,
+                sources=source_reader(prober, sizer, size_order=size_order),
+                prune=prune,
+                on_plan=on_plan,
+            )
+
+            def report(images: tuple[ImageResult, ...], stopped: str | None) -> Report:
+                return Report(
+                    manifest=manifest.source,
+                    api_url=settings.api_url,
+                    started_at=started,
+                    finished_at=clock.wall(),
+                    images=images,
+                    requests=client.requests_sent,
+                    rate_limited=governor.rate_limited,
+                    stopped=stopped,
+                    requests_by_endpoint=dict(client.sent),
+                    set=manifest.set,
+                    orphans=tuple(importer.orphans.values()),
+                )
+
+            def interim(images: tuple[ImageResult, ...]) -> Report:
+                return report(images, importer.stopped or RUNNING)
+
+            if on_start is not None:
+                on_start(
+                    RunMonitor(
+                        importer.tally,
+                        Sources(
+                            requests=lambda: client.requests_sent,
+                            rate_limited=lambda: governor.rate_limited,
+                            hour=governor.hour_usage,
+                            expected_end=poller.expected_end,
+                            stopping=lambda: importer.stopped,
+                        ),
+                        clock,
+                        started,
+                    )
+                )
+            run_id = journal.run_started(
+                _compact(interim(())), _rows(importer.changed_results()), clock.wall()
+            )
+
+            def checkpoint() -> None:
+                # The journal gets the entries that changed (a 10,000-entry run costs
+                # little each minute); the caller's outputs are whole files, rewritten.
+                journal.run_recorded(
+                    run_id,
+                    _compact(interim(())),
+                    _rows(importer.changed_results()),
+                    clock.wall(),
+                    ended=False,
+                )
+                if on_checkpoint is not None:
+                    on_checkpoint(interim(importer.interim_results()))
+
+            async with anyio.create_task_group() as checkpoints:
+                checkpoints.start_soon(_checkpoints, importer, clock, checkpoint)
+                await importer.run(stopper)
+                checkpoints.cancel_scope.cancel()
+            final = report(importer.results(), importer.stopped)
+            journal.run_recorded(
+                run_id, _compact(replace(final, images=())), _rows(final.images), clock.wall(),
+                ended=True,
+            )  # fmt: skip
+            journal.deletions_reported(
+                [i for r in final.images for i in (*r.duplicates_deleted, *r.deleted)]
+            )
+    return final
+
+
+def _compact(report: Report) -> str:
+    """JSON as the journal keeps it: the report file's, without the indentation.
+
+    The run's own fields are kept apart from its images (with ``images=()``: then
+    the summary counts nothing, and the reader counts the images it reassembles).
+    """
+    return json.dumps(report.to_json(), separators=(",", ":"))
+
+
+def _rows(images: Sequence[ImageResult]) -> list[tuple[int, str]]:
+    return [(image.index, json.dumps(image.to_json(), separators=(",", ":"))) for image in images]
+
+
+async def _checkpoints(importer: Importer, clock: Clock, checkpoint: Callable[[], None]) -> None:
+    """Record the report every :data:`CHECKPOINT_INTERVAL`, and once when the run starts stopping.
+
+    A killed run then leaves a report minutes old in the journal and the outputs;
+    the one written at the stop remains if a second signal ends the process at once.
+    """
+    stop_recorded = False
+    while True:
+        with clock.move_on_after(CHECKPOINT_INTERVAL):
+            if stop_recorded:
+                await anyio.sleep_forever()
+            await importer.stopping.wait()
+            stop_recorded = True
+        checkpoint()
+
+
+def source_reader(
+    prober: SourceProber | None, sizer: HeadSizer | None, *, size_order: bool = True
+) -> SourcesFn | None:
+    """How a run learns its sources: probed (size and version), sized only, or not at all."""
+    if prober is not None:
+        probe = prober
+
+        async def probed(entries: Sequence[Entry]) -> Mapping[int, SourceFacts]:
+            infos = await probe.probe_all(entries)
+            if size_order:
+                return infos
+            return {
+                index: KnownSource(None, info.version, info.error) for index, info in infos.items()
+            }
+
+        return probed
+    if sizer is None:
+        return None
+    known = sizer
+
+    async def sized(entries: Sequence[Entry]) -> Mapping[int, SourceFacts]:
+        sizes = await known.sizes(entries)
+        return {
+            entry.index: KnownSource(sizes.get(entry.index), fallback_version(entry))
+            for entry in entries
+        }
+
+    return sized
+
+
+async def plan_only(
+    manifest: Manifest,
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    journal: Journal | None = None,
+    prober: SourceProber | None = None,
+    prune: bool = False,
+) -> RunPlan:
+    """``importer plan``: read the sources and the account, decide; send no POST, PUT or DELETE.
+
+    Raises :class:`~importer.errors.ApiError` when the account cannot be read.
+    """
+    clock = clock or LoopClock()
+    governor = Governor(
+        clock,
+        concurrency=settings.concurrency,
+        windows=(
+            Window(settings.effective_per_minute, settings.minute_window),
+            Window(settings.effective_per_hour, 3600.0),
+        ),
     )
+    sources = await prober.probe_all(manifest.entries) if prober is not None else None
+    with contextlib.ExitStack() as stack:
+        if journal is None:
+            journal = stack.enter_context(Journal(settings.state_path or MEMORY))
+        async with ImagesClient.open(settings, governor, clock) as client:
+            plan, _ = await read_plan(
+                manifest, client, journal, clock, sources=sources, prune=prune
+            )
+    return plan

@@ -220,6 +220,9 @@ class StatusPoller:
         # Every failed image seen in a listing or read, by id: its message outlives
         # the image (a failed image may be purged before anyone reads it by id).
         self._failed: dict[int, Image] = {}
+        #: Told every image a group listing shows, watched or not (another run's
+        #: import of the same entry may share the group).
+        self.on_listed: Callable[[Sequence[Image]], None] | None = None
 
     # -- the image tasks' side ------------------------------------------------------
 
@@ -271,6 +274,22 @@ class StatusPoller:
             raise watch.result
         assert watch.result is not None
         return watch.result
+
+    def expected_end(self) -> float | None:
+        """When the last image being watched should finish (monotonic), once durations are known.
+
+        Each image's late bound (see :class:`DurationModel`): the time by which it
+        should be done, not the earliest it could be. Walks the images in flight:
+        call it now and then, not per request.
+        """
+        if not self.model.ready:
+            return None
+        ends = [
+            watch.submitted + self.model.late(watch.size)
+            for watch in self._watches.values()
+            if not watch.done.is_set()
+        ]
+        return max(ends, default=None)
 
     # -- the background task --------------------------------------------------------
 
@@ -348,6 +367,8 @@ class StatusPoller:
             return
         listed.add(group)
         self.learn(images)
+        if self.on_listed is not None:
+            self.on_listed(images)
         now = self._clock.monotonic()
         for image in images:
             watch = self._watches.get(image.id)
@@ -477,7 +498,8 @@ class StatusPoller:
             when = early if early > now else now + self._interval
         else:
             # Nothing learned yet: back off, so a long first import costs few requests.
-            when = now + min(self._interval * 1.5**watch.checks, 4 * self._interval)
+            # Capped exponent: a float power overflows after ~1,750 checks of a stuck image.
+            when = now + min(self._interval * 1.5 ** min(watch.checks, 4), 4 * self._interval)
         return self._not_after_last_call(watch, when)
 
     def _not_after_last_call(self, watch: _Watch, when: float) -> float:

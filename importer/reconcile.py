@@ -260,11 +260,15 @@ class Reconciler:
     async def _ours(self, item: PlannedImport) -> list[Image]:
         """The images with the entry's tag that this entry's creates may have made.
 
-        An earlier import of the same entry (with another state file) carries the
-        same tag; it was created before this entry's first create left, and is
-        neither adopted nor deleted.
+        Only images of the version the creates were for: the entry's other
+        versions are rotation's business. An earlier import of the same entry and
+        version (with another state file) carries the same tags; it was created
+        before this entry's first create left, and is neither adopted nor deleted.
         """
         images = await self._client.list(tag_name=item.tag)
+        vtag = item.version_tag
+        if vtag is not None:
+            images = [image for image in images if vtag in (image.tags or ())]
         state = self._journal.get(item.tag)
         if state is None or state.first_sent_at is None:
             return images

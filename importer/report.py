@@ -6,14 +6,22 @@ import json
 import os
 import secrets
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from importer.clock import isoformat
 
-REPORT_VERSION = 1
+#: 2: each image says its action, version, renames and deletions; the report names
+#: its set and lists orphaned images (see the README's "The report").
+REPORT_VERSION = 2
+#: ``stopped`` of a report written while its run was still going (the periodic
+#: rewrites, and ``importer status`` of a run that never recorded its end).
+RUNNING = "running"
+#: How many entries needing attention the human summary lists, at most.
+SUMMARY_LIMIT = 20
 
 
 class Outcome(StrEnum):
@@ -38,6 +46,18 @@ class Outcome(StrEnum):
 
 
 @dataclass(frozen=True)
+class Renamed:
+    """One image renamed by rotation."""
+
+    image_id: int
+    old: str
+    new: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"image_id": self.image_id, "from": self.old, "to": self.new}
+
+
+@dataclass(frozen=True)
 class ImageResult:
     """The line of the report for one manifest entry."""
 
@@ -51,16 +71,69 @@ class ImageResult:
     error: str | None = None
     submitted_at: float | None = None
     finished_at: float | None = None
-    #: Extra copies that lost create answers made, found by tag and deleted.
+    #: Extra copies of one version (lost create answers, concurrent runs), deleted.
     duplicates_deleted: tuple[int, ...] = ()
+    #: What the run did for the entry: ``create``, ``replace``, ``unchanged``,
+    #: ``watch`` or ``error`` (see :class:`importer.converge.Action`).
+    action: str | None = None
+    #: The source's version (its short label) and what decided it.
+    version: str | None = None
+    version_source: str | None = None
+    #: Renames by rotation, in the order made.
+    renamed: tuple[Renamed, ...] = ()
+    #: Older versions deleted by rotation (beyond ``keep``).
+    deleted: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        # A shallow copy: asdict's deep one was most of the cost of a 10,000-entry report,
+        # which is written every minute of a run.
+        data = {name: getattr(self, name) for name in _RESULT_FIELDS}
         data["outcome"] = self.outcome.value
         data["submitted_at"] = _iso(self.submitted_at)
         data["finished_at"] = _iso(self.finished_at)
         data["duplicates_deleted"] = list(self.duplicates_deleted)
+        data["renamed"] = [rename.to_json() for rename in self.renamed]
+        data["deleted"] = list(self.deleted)
         return data
+
+    @property
+    def needs_attention(self) -> bool:
+        """Not available, or available with something left to say."""
+        return not self.outcome.is_success or self.error is not None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ImageResult:
+        """The result :meth:`to_json` wrote (timestamps to the second)."""
+        known = {f.name for f in fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        values["outcome"] = Outcome(data["outcome"])
+        values["submitted_at"] = _unix(data.get("submitted_at"))
+        values["finished_at"] = _unix(data.get("finished_at"))
+        values["duplicates_deleted"] = tuple(data.get("duplicates_deleted", ()))
+        values["renamed"] = tuple(
+            Renamed(r["image_id"], r["from"], r["to"]) for r in data.get("renamed", ())
+        )
+        values["deleted"] = tuple(data.get("deleted", ()))
+        return cls(**values)
+
+
+_RESULT_FIELDS = tuple(f.name for f in fields(ImageResult))
+
+
+@dataclass(frozen=True)
+class OrphanResult:
+    """An image of the set whose entry left the manifest."""
+
+    image_id: int
+    name: str
+    tag: str | None
+    status: str
+    #: Deleted by this run (``--prune``).
+    deleted: bool = False
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -77,13 +150,19 @@ class Report:
     #: Why the run ended early, if it did (``authentication_failed``, ``interrupted``...).
     stopped: str | None = None
     requests_by_endpoint: dict[str, int] = field(default_factory=dict)
+    #: The set whose images the manifest owns (see :mod:`importer.identity`).
+    set: str | None = None
+    orphans: tuple[OrphanResult, ...] = ()
 
     def counts(self) -> Counter[Outcome]:
         return Counter(result.outcome for result in self.images)
 
     @property
     def all_available(self) -> bool:
-        return all(result.outcome.is_success for result in self.images)
+        """Every entry available, its names and versions put right (no error left)."""
+        return all(r.outcome.is_success and r.error is None for r in self.images) and not any(
+            orphan.error for orphan in self.orphans
+        )
 
     def to_json(self) -> dict[str, Any]:
         counts = self.counts()
@@ -92,9 +171,16 @@ class Report:
         summary["requests"] = self.requests
         summary["rate_limited"] = self.rate_limited
         summary["duplicates_deleted"] = sum(len(r.duplicates_deleted) for r in self.images)
+        actions = Counter(r.action for r in self.images if r.action)
+        summary["actions"] = dict(sorted(actions.items()))
+        summary["renamed"] = sum(len(r.renamed) for r in self.images)
+        summary["deleted"] = sum(len(r.deleted) for r in self.images)
+        summary["orphaned"] = len(self.orphans)
+        summary["orphans_deleted"] = sum(orphan.deleted for orphan in self.orphans)
         return {
             "report_version": REPORT_VERSION,
             "manifest": self.manifest,
+            "set": self.set,
             "api_url": self.api_url,
             "started_at": _iso(self.started_at),
             "finished_at": _iso(self.finished_at),
@@ -102,7 +188,26 @@ class Report:
             "summary": summary,
             "requests_by_endpoint": dict(sorted(self.requests_by_endpoint.items())),
             "images": [result.to_json() for result in self.images],
+            "orphans": [orphan.to_json() for orphan in self.orphans],
         }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Report:
+        """The report :meth:`to_json` wrote (how ``importer status`` reads the journal's copy)."""
+        summary = data.get("summary", {})
+        return cls(
+            manifest=data["manifest"],
+            api_url=data["api_url"],
+            started_at=_unix(data["started_at"]) or 0.0,
+            finished_at=_unix(data["finished_at"]) or 0.0,
+            images=tuple(ImageResult.from_json(image) for image in data["images"]),
+            requests=summary.get("requests", 0),
+            rate_limited=summary.get("rate_limited", 0),
+            stopped=data.get("stopped"),
+            requests_by_endpoint=dict(data.get("requests_by_endpoint", {})),
+            set=data.get("set"),
+            orphans=tuple(OrphanResult(**orphan) for orphan in data.get("orphans", ())),
+        )
 
     def to_text(self) -> str:
         """The report as the JSON text :meth:`write` puts in the file."""
@@ -116,29 +221,50 @@ class Report:
         """
         write_json_atomic(path, self.to_json())
 
-    def human_summary(self) -> str:
+    def human_summary(self, limit: int = SUMMARY_LIMIT) -> str:
+        """Counts, then the entries that need attention (every entry of a short run).
+
+        At most ``limit`` entries are listed, then how many more there are, so that
+        the summary of 10,000 entries still fits a terminal.
+        """
         counts = self.counts()
         parts = [f"{counts[o]} {o.value}" for o in Outcome if counts.get(o)]
         lines = [
             f"{plural(len(self.images), 'image')}: {', '.join(parts) or 'none'}"
             f" ({plural(self.requests, 'request')}, {self.rate_limited} rate-limited)"
         ]
-        if self.stopped:
+        if self.stopped == RUNNING:
+            lines.append("run not ended (still running, or killed): unfinished images are pending")
+        elif self.stopped:
             lines.append(f"run stopped early: {self.stopped}")
         # A short run lists every image; a long one only those needing attention.
-        every = len(self.images) <= 20
-        for result in self.images:
-            if every or not result.outcome.is_success:
-                ident = f" image {result.image_id}" if result.image_id else ""
-                error = f": {result.error}" if result.error else ""
-                lines.append(
-                    f"  {result.outcome.value:<13} {result.name} ({result.region}){ident}{error}"
-                )
+        every = len(self.images) <= limit
+        listed = [self._line(r) for r in self.images if every or r.needs_attention]
+        for orphan in self.orphans:
+            done = "deleted" if orphan.deleted else "orphaned"
+            error = f": {orphan.error}" if orphan.error else ""
+            listed.append(f"  {done:<13} {orphan.name} image {orphan.image_id}{error}")
+        lines.extend(listed[:limit])
+        if len(listed) > limit:
+            lines.append(f"  ... and {len(listed) - limit} more (see the report)")
         return "\n".join(lines)
+
+    @staticmethod
+    def _line(result: ImageResult) -> str:
+        ident = f" image {result.image_id}" if result.image_id else ""
+        action = f" [{result.action}]" if result.action else ""
+        error = f": {result.error}" if result.error else ""
+        return f"  {result.outcome.value:<13} {result.name} ({result.region}){ident}{action}{error}"
 
 
 def _iso(unix: float | None) -> str | None:
     return isoformat(unix) if unix is not None else None
+
+
+def _unix(iso: str | None) -> float | None:
+    if iso is None:
+        return None
+    return datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
 
 
 def plural(count: int, noun: str) -> str:
@@ -151,12 +277,18 @@ def to_json_text(data: Any) -> str:
 
 
 def write_json_atomic(path: Path, data: Any, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename.
+    """Write ``data`` as JSON to ``path``, atomically (see :func:`write_text_atomic`)."""
+    write_text_atomic(path, to_json_text(data), mode)
 
-    ``mode`` is given to the kernel at creation, which takes the umask off it.
+
+def write_text_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename.
+
+    A reader (a scheduler, a metrics collector) sees the old file or the new one,
+    never half of one. ``mode`` is given to the kernel at creation, which takes
+    the umask off it.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = to_json_text(data)
     while True:
         tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
         try:
@@ -176,7 +308,7 @@ def write_json_atomic(path: Path, data: Any, mode: int = 0o644) -> None:
 
 
 def unwritable_reason(path: Path) -> str | None:
-    """Why :func:`write_json_atomic` could not write ``path``, or ``None`` if it can.
+    """Why :func:`write_text_atomic` could not write ``path``, or ``None`` if it can.
 
     Checked before a run starts, so that a run does not end, hours later, unable to
     write its report. It tries what the write will do: create a file in the directory

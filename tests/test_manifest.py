@@ -21,6 +21,7 @@ from importer.manifest import (
     load_manifest,
     parse_manifest,
 )
+from importer.plan import make_plan
 from tests.examples import example_manifest
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
@@ -781,3 +782,15 @@ def test_valid_manifests_round_trip(
         for index, raw in enumerate(images)
     )
     assert manifest.entries == expected
+
+
+def test_tags_leave_room_for_the_importers_own() -> None:
+    """The manifest's tags and the importer's four stay within 50 per image."""
+    assert MAX_TAGS + len(make_plan(parse_manifest(doc(GOOD)))[0].own_tags()) == 50
+
+
+def test_a_tag_with_an_importer_prefix_is_refused() -> None:
+    """`importer:...` and the like would pass for the importer's own tags: a problem."""
+    problem = only_problem(doc(image(tags=["web", "importer-set:other"])))
+    assert (problem.index, problem.field) == (0, "tags.1")
+    assert "own prefixes" in problem.message

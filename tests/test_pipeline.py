@@ -81,11 +81,12 @@ async def test_failed_imports_are_reported_with_the_api_message() -> None:
 async def test_401_mid_run_stops_every_request() -> None:
     """After the first 401 nothing is sent; submitted images are pending, others not_submitted."""
     with capture_logs() as logs:
-        report, world = await run_against(image_urls(10), sim={"revoke_after": 6}, concurrency=2)
+        # 7 requests answered: the account's listing, then 6 creates.
+        report, world = await run_against(image_urls(10), sim={"revoke_after": 7}, concurrency=2)
     assert report.stopped == "authentication_failed"
-    sent_after_revocation = sum(world.request_counts.values()) - 6
+    sent_after_revocation = sum(world.request_counts.values()) - 7
     assert sent_after_revocation == 1  # the one request that was answered 401
-    assert report.requests == 7
+    assert report.requests == 8
     outcomes = Counter(r.outcome for r in report.images)
     assert outcomes[Outcome.PENDING] == 6
     assert outcomes[Outcome.NOT_SUBMITTED] == 4

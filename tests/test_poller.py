@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from importer.clock import LoopClock
 from importer.pipeline import run_import
-from importer.poller import GIB, DurationModel
+from importer.poller import GIB, DurationModel, StatusPoller, _Watch
 from importer.report import Outcome
 from importer.simulator import SimulatorConfig, run_simulator
 from tests.helpers import manifest_of, settings_for
@@ -76,3 +79,13 @@ async def test_failure_is_read_by_id_soon_when_listings_show_importing_images() 
     assert failed.submitted_at is not None
     assert failed.finished_at - failed.submitted_at <= 60.0 + 10.0  # the first check, jittered
     assert by_id == 1
+
+
+@pytest.mark.anyio
+async def test_backoff_of_an_image_checked_thousands_of_times_does_not_overflow() -> None:
+    """Before durations are learned, the 2,000th check of a stuck image is still 4 intervals on."""
+    clock = LoopClock()
+    poller = StatusPoller(cast(Any, None), clock, first_poll=60.0, poll_interval=40.0)
+    watch = _Watch(1, "group", None, clock.monotonic(), lambda image: None, checks=2000)
+    now = clock.monotonic()
+    assert poller._next_check(watch, now) == pytest.approx(now + 160.0)

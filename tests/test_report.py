@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from importer.report import ImageResult, Outcome, Report, unwritable_reason
+from importer.report import (
+    ImageResult,
+    OrphanResult,
+    Outcome,
+    Renamed,
+    Report,
+    unwritable_reason,
+)
 
 
 def report_of(count: int, requests: int) -> Report:
@@ -93,3 +100,59 @@ def test_unwritable_even_for_root() -> None:
 def test_summary_counts_read_as_english(count: int, requests: int, head: str) -> None:
     """One image, one request: singular; anything else: plural."""
     assert report_of(count, requests).human_summary().splitlines()[0] == head
+
+
+def test_summary_of_10000_entries_fits_a_terminal() -> None:
+    """Counts, then at most 20 entries needing attention, then how many more: 23 lines."""
+    images = tuple(
+        ImageResult(
+            index=i, name=f"img-{i}", region="nyc3", tag="importer:0",
+            outcome=Outcome.FAILED if i % 100 == 7 else Outcome.AVAILABLE,
+            error="it broke" if i % 100 == 7 else None,
+        )
+        for i in range(10_000)
+    )  # fmt: skip
+    report = Report(
+        manifest="m.yaml", api_url="https://api.example.com", started_at=0.0, finished_at=1.0,
+        images=images, requests=10_500, rate_limited=0,
+    )  # fmt: skip
+    lines = report.human_summary().splitlines()
+    assert lines[0] == "10000 images: 9900 available, 100 failed (10500 requests, 0 rate-limited)"
+    assert lines[1:21] == [f"  failed        img-{i} (nyc3): it broke" for i in range(7, 2000, 100)]
+    assert lines[21:] == ["  ... and 80 more (see the report)"]
+
+
+def test_report_reads_back_what_it_wrote() -> None:
+    """from_json(to_json()) gives the same report (to the second), the way status reads it."""
+    report = Report(
+        manifest="m.yaml", api_url="https://api.example.com", started_at=1_790_000_000.0,
+        finished_at=1_790_000_900.0, requests=9, rate_limited=1, stopped="deadline",
+        requests_by_endpoint={"POST /v2/images": 2}, set="nightly",
+        images=(
+            ImageResult(
+                index=0, name="a", region="nyc3", tag="importer:1", outcome=Outcome.AVAILABLE,
+                image_id=5, status="available", submitted_at=1_790_000_001.0,
+                finished_at=1_790_000_300.0, duplicates_deleted=(7, 8),
+            ),
+            ImageResult(index=1, name="b", region="ams3", tag="importer:2",
+                        outcome=Outcome.NOT_SUBMITTED, error="rate limited"),
+        ),
+    )  # fmt: skip
+    assert Report.from_json(report.to_json()) == report
+
+
+def test_report_v2_reads_back_renames_deletions_and_orphans() -> None:
+    """The nightly fields (action, version, renames, deletions, orphans) survive the round trip."""
+    report = Report(
+        manifest="m.yaml", api_url="https://api.example.com", started_at=1_790_000_000.0,
+        finished_at=1_790_000_900.0, requests=9, rate_limited=0, set="nightly",
+        images=(
+            ImageResult(
+                index=0, name="a", region="nyc3", tag="importer:1", outcome=Outcome.AVAILABLE,
+                image_id=6, action="replace", version="ec29c26b5064", version_source="etag",
+                renamed=(Renamed(2, "a", "a@old"), Renamed(6, "a@new", "a")), deleted=(1,),
+            ),
+        ),
+        orphans=(OrphanResult(4, "gone", "importer:9", "available", deleted=True),),
+    )  # fmt: skip
+    assert Report.from_json(report.to_json()) == report

@@ -32,19 +32,19 @@ def create_in_world(world: World, index: int) -> int:
 
 @pytest.mark.anyio
 async def test_finished_entries_are_not_touched_again(tmp_path: Path) -> None:
-    """A second run with the same state sends nothing and reports the first run's outcomes."""
+    """A second run with the same state reads the account (one listing) and sends nothing else."""
     state = tmp_path / "state.sqlite"
     async with run_simulator(SimulatorConfig.demo()) as sim:
         settings = settings_for(sim.base_url, state_path=state)
         first = await run_import(MANIFEST, settings)
-        before = sum(sim.world.request_counts.values())
-        with capture_logs() as logs:
-            second = await run_import(MANIFEST, settings)
-        after = sum(sim.world.request_counts.values())
-    assert after == before
+        before = dict(sim.world.request_counts)
+        second = await run_import(MANIFEST, settings)
+        after = dict(sim.world.request_counts)
+    sent = {route: after[route] - before.get(route, 0) for route in after}
+    assert {route: n for route, n in sent.items() if n} == {"GET /v2/images": 1}
     assert [r.outcome for r in second.images] == [Outcome.AVAILABLE] * 6
     assert [r.image_id for r in second.images] == [r.image_id for r in first.images]
-    assert sum(e["event"] == "image.resumed" for e in logs) == 6
+    assert [r.action for r in second.images] == ["unchanged"] * 6
 
 
 @pytest.mark.anyio
@@ -275,10 +275,10 @@ async def test_timeout_counts_from_the_original_submission(tmp_path: Path) -> No
 
 
 @pytest.mark.anyio
-async def test_an_earlier_import_of_the_entry_is_neither_adopted_nor_deleted(
+async def test_an_earlier_import_of_this_version_stays_the_entrys_after_a_lost_create(
     tmp_path: Path,
 ) -> None:
-    """With a new state file, last month's image of the entry stays; this run makes its own."""
+    """A lost create that made nothing, beside last month's image of this version: no second one."""
     async with run_simulator(SimulatorConfig.demo(list_in_progress=True)) as sim:
         old = create_in_world(sim.world, 0)
         await anyio.sleep(30 * 24 * 3600)  # a month of virtual time
@@ -287,11 +287,14 @@ async def test_an_earlier_import_of_the_entry_is_neither_adopted_nor_deleted(
             journal.creating(PLAN[0].tag, "img-0", "nyc3", sim.world.clock.wall())
         report = await run_import(MANIFEST, settings_for(sim.base_url, state_path=state))
         live = live_images_by_tag(sim.world)
+        posts = sim.world.request_counts["POST /v2/images"]
     result = report.images[0]
     assert result.outcome is Outcome.AVAILABLE
-    assert result.image_id != old
+    assert result.image_id == old
+    assert result.action == "unchanged"
     assert result.duplicates_deleted == ()
-    assert live[PLAN[0].tag] == 2  # last month's and this run's
+    assert live[PLAN[0].tag] == 1
+    assert posts == 5  # the five other entries only
 
 
 @pytest.mark.anyio

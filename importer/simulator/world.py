@@ -1037,6 +1037,9 @@ class World:
             "description": image.description,
             "tags": list(image.tags),
             "created_at": image.created_at,
+            # When its import started on this world's clock: ``created_at`` is what the API
+            # shows, and lags it by as much as an earlier restore's clock was behind.
+            "started_at": self._wall_of(image.created_mono),
             "deleted_at": None if image.deleted_mono is None else self._wall_of(image.deleted_mono),
             "plan": {
                 "new_seconds": _finite_or_none(plan.new_seconds),
@@ -1090,7 +1093,7 @@ class World:
                     compressed=bool(plan["compressed"]),
                 ),
                 created_at=float(raw["created_at"]),
-                created_mono=mono_of(float(raw["created_at"])),
+                created_mono=mono_of(float(raw.get("started_at", raw["created_at"]))),
                 clock=self.clock,
                 deleted_by_user=deleted_at is not None,
                 deleted_mono=None if deleted_at is None else mono_of(float(deleted_at)),
