@@ -263,8 +263,12 @@ def test_the_other_side_of_every_unknown(tmp_path: Path, mode: str, chaos_seed: 
                 exit_code: int | None = None
                 killed = False
                 if killing:
-                    target = rng.randint(20, 120)
-                    for seen, _line in enumerate(process.stderr, start=1):
+                    # Some number of lines into its work (submissions, statuses, retries),
+                    # counted from its first submission: probing and planning come first.
+                    target = rng.randint(5, 150)
+                    seen = 0
+                    for line in process.stderr:
+                        seen += seen > 0 or '"image.submitted"' in line
                         if seen >= target:
                             break
                     killed = process.poll() is None
