@@ -371,3 +371,24 @@ async def test_a_copy_stuck_importing_is_left_and_reported_not_failed(tmp_path: 
         assert [(d.image_id, d.state) for d in journal.deletions(TAG)] == [
             (stuck, DeletionState.REFUSED)
         ]
+
+
+@pytest.mark.anyio
+async def test_a_deletion_a_killed_run_made_is_named_by_the_next_report_once(
+    tmp_path: Path,
+) -> None:
+    """A DELETE journaled by a run that never wrote its report: the next run names it, once."""
+    state = tmp_path / "state.sqlite"
+    async with run_simulator(SimulatorConfig.demo()) as sim:
+        kept, extra = make_copy(sim.world), make_copy(sim.world)
+        await anyio.sleep(60.0)  # both available
+        sim.world.delete_image(extra)
+        with Journal(state) as journal:  # what the killed run had journaled
+            journal.deleting(TAG, extra, time.time())
+        settings = settings_for(sim.base_url, state_path=state)
+        first = await run_import(ONE, settings)
+        second = await run_import(ONE, settings)
+    assert first.images[0].outcome is Outcome.AVAILABLE
+    assert first.images[0].image_id == kept
+    assert first.images[0].duplicates_deleted == (extra,)
+    assert second.images[0].duplicates_deleted == ()
