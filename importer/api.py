@@ -101,6 +101,38 @@ class ImageList(BaseModel):
     meta: Meta = Field(default_factory=Meta)
 
 
+class Action(BaseModel):
+    """An image action as ``imageActions_post`` and ``actions_get`` return it (a transfer)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    id: int
+    #: ``in-progress``, ``completed`` or ``errored``.
+    status: str
+    type: str | None = None
+    region_slug: str | None = None
+    resource_id: int | None = None
+
+    @field_validator("status")
+    @classmethod
+    def _lower_status(cls, value: str) -> str:
+        # Compared without regard to case, as image statuses are.
+        return value.casefold()
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "completed"
+
+    @property
+    def errored(self) -> bool:
+        return self.status == "errored"
+
+
+class ActionEnvelope(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    action: Action
+
+
 class ErrorBody(BaseModel):
     """``{"id": ..., "message": ..., "request_id": ...}``."""
 

@@ -815,6 +815,7 @@ _FAULT_OPTIONS = {
     "lost_create_rate": "Fraction of creates that succeed but whose answer is lost.",
     "slow_rate": "Fraction of /v2 requests answered late (see --slow-seconds).",
     "garbage_rate": "Fraction of 2xx answers with a malformed body.",
+    "transfer_failure_rate": "Fraction of transfer actions that turn errored part-way.",
 }
 
 
@@ -884,6 +885,12 @@ def _fault_options(command: FC) -> FC:
     type=click.FloatRange(0),
     default=None,
     help="Import time added per GiB of source file.",
+)
+@click.option(
+    "--transfer-seconds",
+    type=click.FloatRange(0),
+    default=None,
+    help="How long a transfer to another region takes, before the per-GiB part.",
 )
 @click.option(
     "--revoke-after",

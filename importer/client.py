@@ -34,7 +34,16 @@ import structlog
 from pydantic import BaseModel, ValidationError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
-from importer.api import CreateRequest, ErrorBody, Image, ImageEnvelope, ImageList, RateLimit
+from importer.api import (
+    Action,
+    ActionEnvelope,
+    CreateRequest,
+    ErrorBody,
+    Image,
+    ImageEnvelope,
+    ImageList,
+    RateLimit,
+)
 from importer.catalog import PER_PAGE_MAX
 from importer.clock import Clock
 from importer.errors import (
@@ -141,7 +150,8 @@ class _Call:
 
 
 class ImagesClient:
-    """``create``, ``get``, ``list`` and ``delete`` for custom images.
+    """``create``, ``get``, ``list``, ``update`` and ``delete`` for custom images, and their
+    ``transfer`` actions.
 
     Open one with :meth:`open`: its session must report every send (see :class:`_Sends`).
     """
@@ -290,6 +300,39 @@ class ImagesClient:
         )
         envelope: ImageEnvelope = await self._call(call, ImageEnvelope)
         return envelope.image
+
+    async def transfer(
+        self,
+        image_id: int,
+        region: str,
+        *,
+        on_send: Callable[[], None] | None = None,
+        on_not_sent: Callable[[], None] | None = None,
+    ) -> Action:
+        """``imageActions_post``: copy the image to ``region``; the answer's action is in progress.
+
+        Not repeated blindly, as a create is not: an answer that is lost may have
+        started the copy (:class:`UncertainCreateError`). ``on_send`` and
+        ``on_not_sent`` are as for :meth:`create`.
+        """
+        call = ApiRequest(
+            "POST",
+            f"/v2/images/{image_id}/actions",
+            "/v2/images/{id}/actions",
+            body={"type": "transfer", "region": region},
+            idempotent=False,
+            priority=Priority.CREATE,
+            on_send=on_send,
+            on_not_sent=on_not_sent,
+        )
+        envelope: ActionEnvelope = await self._call(call, ActionEnvelope)
+        return envelope.action
+
+    async def action(self, action_id: int, *, priority: Priority = Priority.STATUS) -> Action:
+        """``actions_get``: one action's status."""
+        call = ApiRequest("GET", f"/v2/actions/{action_id}", "/v2/actions/{id}", priority=priority)
+        envelope: ActionEnvelope = await self._call(call, ActionEnvelope)
+        return envelope.action
 
     # -- plumbing -----------------------------------------------------------------
 

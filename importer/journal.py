@@ -99,6 +99,21 @@ _MIGRATIONS = {
     # Schema 3: when the latest create left, which reconciliation waits from.
     2: "ALTER TABLE entries ADD COLUMN last_sent_at REAL",
 }
+#: Transfers of an entry's image to its other regions, one row per (entry, region): the
+#: last one sent. Added beside the entries (a state file without it gains it unchanged).
+_TRANSFERS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS transfers (
+    tag        TEXT NOT NULL,
+    region     TEXT NOT NULL,
+    image_id   INTEGER NOT NULL,
+    action_id  INTEGER,
+    state      TEXT NOT NULL,
+    error      TEXT,
+    started_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (tag, region)
+);
+"""
 
 
 class Phase(StrEnum):
@@ -142,6 +157,38 @@ class Deletion:
     error: str | None
     #: Whether the final report of a run named it.
     reported: bool = False
+
+
+class TransferPhase(StrEnum):
+    """Where the last transfer of an entry's image to one region stands."""
+
+    #: About to leave, or left and its answer is not known: the copy may have started.
+    SENDING = "sending"
+    #: The API answered with an action id: the copy is under way.
+    IN_PROGRESS = "in-progress"
+    COMPLETED = "completed"
+    #: The action errored, or the API refused the transfer; another may be sent.
+    ERRORED = "errored"
+    #: Given up for this run (see ``error``); the next run tries again.
+    FAILED = "failed"
+
+    @property
+    def in_flight(self) -> bool:
+        return self in (TransferPhase.SENDING, TransferPhase.IN_PROGRESS)
+
+
+@dataclass(frozen=True)
+class TransferState:
+    """One row of the journal's transfers."""
+
+    tag: str
+    region: str
+    image_id: int
+    action_id: int | None
+    phase: TransferPhase
+    error: str | None
+    #: When the transfer was sent (wall time).
+    started_at: float
 
 
 @dataclass(frozen=True)
@@ -217,6 +264,7 @@ class Journal:
             # and reconciliation by tag covers those.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            self._db.executescript(_TRANSFERS_SCHEMA)
             self._check_version()
         except sqlite3.DatabaseError as exc:
             self.close()
@@ -558,6 +606,58 @@ class Journal:
         self._db.execute(
             f"UPDATE entries SET {assignments}, updated_at=? WHERE tag=?",  # noqa: S608 - constant SQL
             (*values, now, tag),
+        )
+
+    # -- transfers ------------------------------------------------------------------
+
+    def transfer(self, tag: str, region: str) -> TransferState | None:
+        """The last transfer of ``tag``'s image to ``region``, if any was journaled."""
+        row = self._db.execute(
+            "SELECT * FROM transfers WHERE tag=? AND region=?", (tag, region)
+        ).fetchone()
+        if row is None:
+            return None
+        return TransferState(
+            tag=row["tag"],
+            region=row["region"],
+            image_id=row["image_id"],
+            action_id=row["action_id"],
+            phase=TransferPhase(row["state"]),
+            error=row["error"],
+            started_at=row["started_at"],
+        )
+
+    def transfer_sending(self, tag: str, region: str, image_id: int, now: float) -> None:
+        """A transfer is about to leave: from now on the copy may be under way."""
+        self._db.execute(
+            "INSERT INTO transfers(tag, region, image_id, action_id, state, error, started_at,"
+            " updated_at) VALUES (?, ?, ?, NULL, 'sending', NULL, ?, ?)"
+            " ON CONFLICT(tag, region) DO UPDATE SET image_id=excluded.image_id,"
+            " action_id=NULL, state='sending', error=NULL, started_at=excluded.started_at,"
+            " updated_at=excluded.updated_at",
+            (tag, region, image_id, now, now),
+        )
+
+    def transfer_not_sent(self, tag: str, region: str) -> None:
+        """The transfer just journaled was certainly not processed (a 429, no connection)."""
+        self._db.execute(
+            "DELETE FROM transfers WHERE tag=? AND region=? AND state='sending'", (tag, region)
+        )
+
+    def transfer_started(self, tag: str, region: str, action_id: int, now: float) -> None:
+        self._set_transfer(tag, region, now, "state='in-progress', action_id=?", action_id)
+
+    def transfer_ended(
+        self, tag: str, region: str, phase: TransferPhase, error: str | None, now: float
+    ) -> None:
+        self._set_transfer(tag, region, now, "state=?, error=?", phase.value, error)
+
+    def _set_transfer(
+        self, tag: str, region: str, now: float, assignments: str, *values: object
+    ) -> None:
+        self._db.execute(
+            f"UPDATE transfers SET {assignments}, updated_at=? WHERE tag=? AND region=?",  # noqa: S608 - constant SQL
+            (*values, now, tag, region),
         )
 
     # -- lifetime -------------------------------------------------------------------

@@ -17,6 +17,8 @@ States:
 ``uncertain``   a create's answer was lost: its image may exist; it is being
                 looked for by the entry's tag (:mod:`importer.reconcile`)
 ``importing``   the image id is known; the image is being watched
+``transferring`` the image is available; it is being copied to the entry's
+                other regions (:mod:`importer.transfers`)
 ``rotating``    the image is available; names and older versions are being
                 put right (:func:`importer.converge.rotate`)
 ``finished``    final, with an outcome the journal keeps: ``available``,
@@ -49,10 +51,14 @@ method                 from            to          journal         log event
 ``saw``                importing       importing   ``status``      ``image.status``
 ``switched``           importing       importing   ``submitted``   ``image.kept``
 ``lost``               importing       planned     -               ``image.lost``
+``transferring``       unchanged,      transfer-   -               ``image.transferring``
+                       importing       ring
 ``rotating``           unchanged,      rotating    -               ``image.rotating``
-                       importing
+                       importing,
+                       transferring
 ``available``          unchanged,      finished    ``finished``    ``image.available``
                        importing,
+                       transferring,
                        rotating
 ``failed``             planned,        finished    ``finished``    ``image.failed``
                        importing,
@@ -75,8 +81,10 @@ stopped while reconciling must not count it twice). ``not_sent`` follows a 429
 or a connection that never opened; the client then sends the create again
 (``sending``), or gives up (``not_submitted``). Renames and deletions while
 ``rotating`` are recorded by :meth:`EntryLifecycle.renamed` and
-:meth:`EntryLifecycle.deleted` (report and log). :data:`TRANSITIONS` is this
-table in code.
+:meth:`EntryLifecycle.deleted` (report and log). While ``transferring``, each
+region's transfer is recorded by the ``transfer_*`` methods and
+:meth:`EntryLifecycle.transferred` (journal, the report's ``regions``, log),
+which :mod:`importer.transfers` calls. :data:`TRANSITIONS` is this table in code.
 
 The submission turn (at most ``concurrency`` entries submitting at once, see
 :mod:`importer.pipeline`) is held while an entry is ``planned`` or
@@ -97,9 +105,10 @@ import structlog
 from importer.api import Image
 from importer.clock import Clock
 from importer.converge import Decision, created_at
-from importer.journal import Deletion, EntryState, Journal, Phase
+from importer.journal import Deletion, EntryState, Journal, Phase, TransferPhase
 from importer.plan import PlannedImport
 from importer.report import ImageResult, Outcome, Renamed
+from importer.transfers import NOT_TRANSFERRED, TRANSFERRED, TRANSFERRING, failed_state
 
 Log = structlog.typing.FilteringBoundLogger
 
@@ -115,6 +124,7 @@ class State(StrEnum):
     CREATING = "creating"
     UNCERTAIN = "uncertain"
     IMPORTING = "importing"
+    TRANSFERRING = "transferring"
     ROTATING = "rotating"
     FINISHED = "finished"
     UNFINISHED = "unfinished"
@@ -143,9 +153,13 @@ TRANSITIONS: Mapping[str, tuple[frozenset[State], State]] = {
     "saw": (frozenset({State.IMPORTING}), State.IMPORTING),
     "switched": (frozenset({State.IMPORTING}), State.IMPORTING),
     "lost": (frozenset({State.IMPORTING}), State.PLANNED),
-    "rotating": (frozenset({State.UNCHANGED, State.IMPORTING}), State.ROTATING),
+    "transferring": (frozenset({State.UNCHANGED, State.IMPORTING}), State.TRANSFERRING),
+    "rotating": (
+        frozenset({State.UNCHANGED, State.IMPORTING, State.TRANSFERRING}),
+        State.ROTATING,
+    ),
     "available": (
-        frozenset({State.UNCHANGED, State.IMPORTING, State.ROTATING}),
+        frozenset({State.UNCHANGED, State.IMPORTING, State.TRANSFERRING, State.ROTATING}),
         State.FINISHED,
     ),
     "failed": (frozenset({State.PLANNED, State.IMPORTING, State.UNCERTAIN}), State.FINISHED),
@@ -221,6 +235,7 @@ class EntryLifecycle:
             action=item.decision.action.value,
             version=version.label if version is not None else None,
             version_source=version.source if version is not None else None,
+            regions=tuple((region, NOT_TRANSFERRED) for region in item.entry.transfer_regions),
         )
 
     # -- reading --------------------------------------------------------------------
@@ -289,6 +304,7 @@ class EntryLifecycle:
             status=image.status,
             submitted_at=created_at(image),
         )
+        self._note_regions(image)
 
     def watching(
         self,
@@ -341,6 +357,95 @@ class EntryLifecycle:
             action=decision.action.value,
         )
 
+    # -- transfers (each region of the image beyond the first) ------------------------
+
+    def transferring(self, regions: tuple[str, ...]) -> None:
+        """The image is available: copy it to ``regions``, which it is not in yet."""
+        self._move(
+            "transferring",
+            event=(
+                "info",
+                "image.transferring",
+                {"image_id": self.result.image_id, "regions": list(regions)},
+            ),
+        )
+
+    def transfer_sending(self, region: str, image_id: int) -> None:
+        """A transfer is about to leave (the governor admitted it): the copy may start."""
+        self._check_transferring()
+        self._journal.transfer_sending(self.tag, region, image_id, self._clock.wall())
+
+    def transfer_not_sent(self, region: str) -> None:
+        """The transfer just sent was certainly not processed (a 429, no connection)."""
+        self._journal.transfer_not_sent(self.tag, region)
+
+    def transfer_started(self, region: str, action_id: int) -> None:
+        """The API answered the transfer with its action."""
+        self._check_transferring()
+        self._journal.transfer_started(self.tag, region, action_id, self._clock.wall())
+        self._set_region(region, TRANSFERRING)
+        self.log.info("image.transfer_started", region=region, action_id=action_id)
+
+    def transfer_resumed(self, region: str, action_id: int | None) -> None:
+        """A transfer an earlier run sent is still in flight (the journal says): watched."""
+        self._check_transferring()
+        self._set_region(region, TRANSFERRING)
+        self.log.info("image.transfer_resumed", region=region, action_id=action_id)
+
+    def transfer_uncertain(self, region: str, error: str) -> None:
+        """The transfer's answer was lost: the copy may have started (its region will tell)."""
+        self._check_transferring()
+        self._set_region(region, TRANSFERRING)
+        self.log.warning("image.transfer_uncertain", region=region, error=error)
+
+    def transferred(self, region: str) -> None:
+        """The image is in ``region`` now (a listing's ``regions`` showed it, or its action)."""
+        self._check_transferring()
+        now = self._clock.wall()
+        self._journal.transfer_ended(self.tag, region, TransferPhase.COMPLETED, None, now)
+        self._set_region(region, TRANSFERRED)
+        self.log.info("image.transferred", region=region, image_id=self.result.image_id)
+
+    def transfer_errored(self, region: str, error: str, attempt: int) -> None:
+        """One transfer to ``region`` failed (errored, refused, or lost); another may follow."""
+        self._check_transferring()
+        now = self._clock.wall()
+        self._journal.transfer_ended(self.tag, region, TransferPhase.ERRORED, error, now)
+        self.log.warning("image.transfer_errored", region=region, error=error, attempt=attempt)
+
+    def transfer_failed(self, region: str, error: str) -> None:
+        """No transfer to ``region`` succeeded in this run: reported for that region."""
+        self._check_transferring()
+        now = self._clock.wall()
+        self._journal.transfer_ended(self.tag, region, TransferPhase.FAILED, error, now)
+        self._set_region(region, failed_state(error))
+        self.log.warning("image.transfer_failed", region=region, error=error)
+
+    def transfer_unfinished(self, region: str, error: str) -> None:
+        """The transfer did not finish within its timeout: still in flight, the next run
+        watches it (its journal row stays as it is)."""
+        self._check_transferring()
+        self._set_region(region, TRANSFERRING)
+        self.log.warning("image.transfer_timed_out", region=region, error=error)
+
+    def _check_transferring(self) -> None:
+        if self.state is not State.TRANSFERRING:
+            raise IllegalTransitionError(self.tag, self.state, State.TRANSFERRING, "transfer")
+
+    def _set_region(self, region: str, state: str) -> None:
+        regions = tuple(
+            (name, state if name == region else current) for name, current in self.result.regions
+        )
+        self.result = replace(self.result, regions=regions)
+
+    def _note_regions(self, image: Image) -> None:
+        """Regions ``image`` is in already count as transferred."""
+        for region, state in self.result.regions:
+            if region in image.regions and state != TRANSFERRED:
+                self._set_region(region, TRANSFERRED)
+
+    # -- rotation -------------------------------------------------------------------
+
     def rotating(self, steps: int) -> None:
         """The image is available: put names and older versions right."""
         self._move("rotating", event=("info", "image.rotating", {"steps": steps}))
@@ -364,6 +469,7 @@ class EntryLifecycle:
     def kept(self, image: Image) -> None:
         """The image the entry ends with, when rotation chose another copy than the watched one."""
         self.result = replace(self.result, image_id=image.id, status=image.status)
+        self._note_regions(image)
 
     def resumed_uncertain(self, row: EntryState) -> None:
         """An earlier run sent a create and stopped before it learned the outcome."""
@@ -459,6 +565,7 @@ class EntryLifecycle:
         fields: dict[str, Any] = {"image_id": image.id}
         if error is not None:
             fields["error"] = error
+        self._note_regions(image)
         self._finish(
             Outcome.AVAILABLE,
             error,

@@ -37,6 +37,7 @@ _ORDER = (
     "creating",
     "uncertain",
     "importing",
+    "transferring",
     "rotating",
     "planned",
     "pending",

@@ -15,7 +15,8 @@ Format (YAML, or JSON, which YAML reads too)::
     images:
       - name: web-base-2024-06
         url: https://images.example.com/web-base-2024-06.qcow2.gz
-        region: nyc3           # required, here or in defaults
+        region: nyc3           # required, here or in defaults (or regions)
+        regions: [nyc3, ams3]  # optional; imported into the first, transferred to the others
         distribution: Ubuntu   # optional
         description: ...       # optional
         tags: [web, prod]      # optional; added after the defaults' tags
@@ -41,12 +42,21 @@ Decisions (each one is tested):
 - ``region`` and ``distribution`` must match the catalog exactly; a near miss is a problem with
   a suggestion. For ``distribution`` this matters most: the API silently turns any unknown
   value, even ``ubuntu``, into ``Unknown``.
+- ``regions`` lists every region the image must be in: it is imported into the first and
+  transferred to the others (:mod:`importer.transfers`). Each is checked like ``region``; a
+  region listed twice, or an empty list, is a problem. ``region`` alone means that one region.
+  Given both, ``region`` must be the first of ``regions`` (a problem otherwise: which one the
+  import goes to would be a guess). The two are one setting: an entry that gives either
+  replaces both of the defaults'. The entry's identity keeps the import region only, so
+  adding a region to an entry is the same entry, which gains a transfer.
 - Tags must be valid DigitalOcean tag names; at most 46 per image after merging, so that
   with the importer's four (set, entry, version, group) an image has at most 50 (our
   limit). Tags with the importer's own prefixes (``importer:``, ``importer-set:``...) are
   refused: they would pass for the importer's.
 - Two images with the same name in the same region are a problem on the later one:
-  DigitalOcean would accept both and create two images with one name.
+  DigitalOcean would accept both and create two images with one name. Every region of
+  ``regions`` counts: an entry transferred to ``ams3`` and another entry of the same name
+  imported there would leave two images with one name in ``ams3``.
 - A problem in ``defaults`` is reported once (field ``defaults.<key>``, no index), not again
   for every image that inherits the value.
 - ``set`` names the images this manifest owns (see :mod:`importer.identity`): letters,
@@ -139,6 +149,13 @@ class Entry:
     checksums_url: str | None = None
     #: Versions of the image kept in the account, the newest included (>= 1).
     keep: int = DEFAULT_KEEP
+    #: The regions the image reaches by transfer, after ``region`` (where it is imported).
+    transfer_regions: tuple[str, ...] = ()
+
+    @property
+    def regions(self) -> tuple[str, ...]:
+        """Every region the image must be in, the one it is imported into first."""
+        return (self.region, *self.transfer_regions)
 
 
 @dataclass(frozen=True)
@@ -318,6 +335,7 @@ class _Document(_Strict):
 
 class _Defaults(_Strict):
     region: str | None = None
+    regions: list[str] | None = None
     distribution: str | None = None
     description: str | None = None
     tags: list[str] | None = None
@@ -330,6 +348,7 @@ class _Image(_Strict):
     name: str | None = None
     url: str | None = None
     region: str | None = None
+    regions: list[str] | None = None
     distribution: str | None = None
     description: str | None = None
     tags: list[str] | None = None
@@ -445,7 +464,8 @@ def _kind_of(value: object) -> str:
 class _Inherited:
     """Values from ``defaults``, and the keys whose problems were already reported there."""
 
-    region: str | None = None
+    #: The defaults' regions (``region`` alone gives one), the import region first.
+    regions: tuple[str, ...] | None = None
     distribution: str | None = None
     description: str | None = None
     tags: tuple[str, ...] = ()
@@ -496,18 +516,23 @@ def _check_document(data: object, source: str, problems: list[Problem]) -> Manif
         return None
 
     entries: list[Entry] = []
-    first_index: dict[tuple[str, str], int] = {}
+    # (name, region) -> the first entry with an image of that name there, and whether
+    # it is imported there (rather than transferred).
+    first_index: dict[tuple[str, str], tuple[int, bool]] = {}
     for index, raw in enumerate(images):
         entry, key = _check_image(index, raw, inherited, problems)
         if entry is not None:
             entries.append(entry)
         if key is None:
             continue
-        if key in first_index:
-            name, region = key
+        name, regions = key
+        clash = next((r for r in regions if (name, r) in first_index), None)
+        if clash is not None:
+            first, imported = first_index[(name, clash)]
+            verb = "imports" if imported and clash == regions[0] else "puts"
             problems.append(
                 Problem(
-                    f"images[{first_index[key]}] already imports {name!r} into {region}; "
+                    f"images[{first}] already {verb} {name!r} into {clash}; "
                     "DigitalOcean would create two images with one name",
                     index=index,
                     name=name,
@@ -515,7 +540,8 @@ def _check_document(data: object, source: str, problems: list[Problem]) -> Manif
                 )
             )
         else:
-            first_index[key] = index
+            for position, region in enumerate(regions):
+                first_index[(name, region)] = (index, position == 0)
     return Manifest(
         version=document.version, entries=tuple(entries), source=source, set=document.set or ""
     )
@@ -525,14 +551,17 @@ def _check_defaults(raw: Mapping[Any, Any], problems: list[Problem]) -> _Inherit
     place = _Place(prefix="defaults.")
     defaults, bad = _validate(_Defaults, raw, place, problems)
     broken = set(bad)
-    for key, value, check in (
-        ("region", defaults.region, _region_problem),
-        ("distribution", defaults.distribution, _distribution_problem),
-    ):
-        message = None if value is None else check(value)
+    regions: tuple[str, ...] | None = None
+    if not {"region", "regions"} & broken:
+        count = len(problems)
+        regions = _region_pair(defaults.region, defaults.regions, place, problems)
+        if len(problems) > count:
+            broken.update(("region", "regions"))
+    if defaults.distribution is not None:
+        message = _distribution_problem(defaults.distribution)
         if message is not None:
-            problems.append(place.problem(message, key))
-            broken.add(key)
+            problems.append(place.problem(message, "distribution"))
+            broken.add("distribution")
     tags = tuple(defaults.tags or ())
     if _tag_problems(tags, place, problems):
         broken.add("tags")
@@ -540,7 +569,7 @@ def _check_defaults(raw: Mapping[Any, Any], problems: list[Problem]) -> _Inherit
         problems.append(place.problem(f"at most {MAX_TAGS} tags (here: {len(tags)})", "tags"))
     broken.update(_source_problems(defaults, place, problems))
     return _Inherited(
-        region=defaults.region,
+        regions=regions,
         distribution=defaults.distribution,
         description=defaults.description,
         tags=tags,
@@ -619,8 +648,8 @@ def _keep_problem(keep: int) -> str | None:
 
 def _check_image(
     index: int, raw: object, inherited: _Inherited, problems: list[Problem]
-) -> tuple[Entry | None, tuple[str, str] | None]:
-    """The entry (if valid) and its (name, region) key (if both are known)."""
+) -> tuple[Entry | None, tuple[str, tuple[str, ...]] | None]:
+    """The entry (if valid) and its name and regions (if both are known)."""
     if not isinstance(raw, dict):
         problems.append(
             Problem(
@@ -646,7 +675,8 @@ def _check_image(
     if url is not None and (message := _url_problem(url)) is not None:
         problems.append(place.problem(message, "url"))
 
-    region = _region_of(image.region, inherited, bad, place, problems)
+    regions = _regions_of(image, inherited, bad, place, problems)
+    region = regions[0] if regions else None
     # A bad default was reported once, under defaults; it needs no repeating here.
     distribution = image.distribution if image.distribution is not None else inherited.distribution
     if image.distribution is not None and (message := _distribution_problem(image.distribution)):
@@ -671,9 +701,10 @@ def _check_image(
     checksums_url = image.checksums_url or inherited.checksums_url
     keep = image.keep if image.keep is not None else inherited.keep
 
-    key = (name, region) if name is not None and region is not None else None
-    if len(problems) > count or name is None or url is None or region is None:
+    key = (name, regions) if name is not None and regions else None
+    if len(problems) > count or name is None or url is None or not regions:
         return None, key
+    assert region is not None
     entry = Entry(
         index,
         name,
@@ -685,30 +716,86 @@ def _check_image(
         checksum=checksum,
         checksums_url=checksums_url,
         keep=DEFAULT_KEEP if keep is None else keep,
+        transfer_regions=regions[1:],
     )
     return entry, key
 
 
-def _region_of(
-    own: str | None,
+def _regions_of(
+    image: _Image,
     inherited: _Inherited,
     bad: frozenset[str],
     place: _Place,
     problems: list[Problem],
-) -> str | None:
-    """The entry's region after merging defaults; ``None`` when a problem was reported."""
-    if "region" in bad:
+) -> tuple[str, ...] | None:
+    """The entry's regions after merging defaults, the import region first; ``None`` when a
+    problem was reported.
+
+    ``region`` and ``regions`` are one setting: an entry that gives either replaces both
+    of the defaults'.
+    """
+    if {"region", "regions"} & bad:
         return None
-    if own is not None:
-        region = _required(own, "region", bad, place, problems)
-        if region is not None and (message := _region_problem(region)) is not None:
-            problems.append(place.problem(message, "region"))
-        return region
-    if "region" in inherited.broken:
+    if image.region is not None or image.regions is not None:
+        count = len(problems)
+        regions = _region_pair(image.region, image.regions, place, problems)
+        return regions if len(problems) == count else None
+    if {"region", "regions"} & inherited.broken:
         return None
-    if inherited.region is None:
+    if inherited.regions is None:
         problems.append(place.problem("missing 'region'; set it here or under defaults", "region"))
-    return inherited.region
+    return inherited.regions
+
+
+def _region_pair(
+    region: str | None, regions: list[str] | None, place: _Place, problems: list[Problem]
+) -> tuple[str, ...] | None:
+    """``region`` and ``regions`` as given together (in an entry, or in defaults), checked:
+    the regions, the import region first, or ``None`` when neither is given."""
+    if region is not None:
+        if not region.strip():
+            problems.append(place.problem("'region' is empty", "region"))
+            region = None
+        elif (message := _region_problem(region)) is not None:
+            problems.append(place.problem(message, "region"))
+            region = None
+    if regions is None:
+        return None if region is None else (region,)
+    if not regions:
+        problems.append(
+            place.problem(
+                "'regions' is empty; list at least one region (the image is imported into the "
+                "first and transferred to the others), or leave it out",
+                "regions",
+            )
+        )
+        return None
+    seen: dict[str, int] = {}
+    valid = True
+    for position, slug in enumerate(regions):
+        message = _region_problem(slug) if slug.strip() else "an empty region in 'regions'"
+        if message is None and slug in seen:
+            message = (
+                f"{slug!r} is listed twice in 'regions' (also at position {seen[slug]}); "
+                "list each region once"
+            )
+        if message is not None:
+            problems.append(place.problem(message, f"regions.{position}"))
+            valid = False
+        seen.setdefault(slug, position)
+    if not valid:
+        return None
+    if region is not None and region != regions[0]:
+        problems.append(
+            place.problem(
+                f"'region' is {region!r} but 'regions' starts with {regions[0]!r}: the image is "
+                "imported into the first of 'regions'; leave 'region' out, or make it the "
+                "first of 'regions'",
+                "region",
+            )
+        )
+        return None
+    return tuple(regions)
 
 
 def _required(

@@ -20,6 +20,9 @@ Never a duplicate: a create whose answer is lost is not sent again blindly. The
 entry becomes *uncertain*, and the importer looks for the image by the entry's
 tag before it sends another create (see :mod:`importer.reconcile`).
 
+Once an entry's image is available, it is copied to the entry's other regions
+(:mod:`importer.transfers`), then rotation gives it the entry's name.
+
 Each entry's state lives in its :class:`~importer.lifecycle.EntryLifecycle`;
 this module only orchestrates.
 """
@@ -81,6 +84,7 @@ from importer.report import RUNNING, ImageResult, OrphanResult, Outcome, Report
 from importer.settings import Settings
 from importer.sizing import HeadSizer
 from importer.sources import SourceProber
+from importer.transfers import Transfers
 
 Log = structlog.typing.FilteringBoundLogger
 #: The run's report is recorded (journal, and the caller's outputs) this often.
@@ -157,6 +161,7 @@ class Importer:
         sources: SourcesFn | None = None,
         prune: bool = False,
         on_plan: Callable[[RunPlan], None] | None = None,
+        transfers: Transfers | None = None,
     ) -> None:
         self._manifest = manifest
         self._client = client
@@ -174,6 +179,18 @@ class Importer:
         self.plan: RunPlan | None = None
         self.orphans: dict[int, OrphanResult] = {}
         poller.on_listed = self._listed
+        self._transfers = transfers or Transfers(
+            client,
+            journal,
+            clock,
+            first_poll=settings.first_poll,
+            poll_interval=settings.poll_interval,
+            timeout=settings.image_timeout,
+            max_transfers=settings.max_transfers,
+        )
+        # One listing serves both: the poller hears the transfers' listings, and passes
+        # every listing on (see _listed).
+        self._transfers.on_listing = poller.take_listing
         self._reconciler = Reconciler(
             client,
             journal,
@@ -206,6 +223,7 @@ class Importer:
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._report_progress)
             outer.start_soon(self._poller.run)
+            outer.start_soon(self._transfers.run)
             if stopper is not None:
                 outer.start_soon(self._stop_when_asked, stopper)
             if self._settings.deadline is not None:
@@ -320,7 +338,7 @@ class Importer:
     @staticmethod
     def _nothing_to_do(item: PlannedImport) -> bool:
         decision = item.decision
-        if decision.action is not Action.UNCHANGED or decision.reconcile:
+        if decision.action is not Action.UNCHANGED or decision.reconcile or item.transfers:
             return False
         if item.version is None:
             # The source could not be probed: its image is kept as it is, unrotated.
@@ -585,13 +603,19 @@ class Importer:
     async def _rotate(
         self, entry: EntryLifecycle, image: Image, *, left: tuple[int, ...] = ()
     ) -> None:
-        """Put the entry's names and versions right, from what the account showed.
+        """Copy the image to the entry's other regions, then put the entry's names and
+        versions right, from what the account showed.
 
         ``left``: extra copies the sweep could not delete, named in the entry's error.
         """
         item = entry.item
         vtag = item.version_tag
-        assert vtag is not None  # an entry without a version imports nothing
+        if vtag is None:
+            # The source could not be probed: its image is kept as it is, unrotated, but
+            # still copied where the manifest needs it.
+            undone = await self._transfer(entry, image)
+            entry.available(image, error=_left_note("; ".join(undone) or None, left))
+            return
         if vtag not in (image.tags or ()):
             # The image this entry watched is of this version, whatever its answer showed.
             image = image.model_copy(update={"tags": (*(image.tags or ()), vtag)})
@@ -607,16 +631,33 @@ class Importer:
         keeper = known[rotation.keeper]
         if keeper.id != entry.result.image_id:
             entry.kept(keeper)
+        # Before the name moves: the version that takes it is where it is needed.
+        errors = await self._transfer(entry, known.get(keeper.id, keeper))
         problems: list[str] = []
         if rotation.steps:
             entry.rotating(len(rotation.steps))
             problems = await self._apply(entry, rotation.steps)
-        error = None
         if problems:
-            error = "names and versions not put right (the next run finishes): " + "; ".join(
-                problems
+            errors.append(
+                "names and versions not put right (the next run finishes): " + "; ".join(problems)
             )
-        entry.available(known.get(keeper.id, keeper), error=_left_note(error, left))
+        entry.available(
+            known.get(keeper.id, keeper), error=_left_note("; ".join(errors) or None, left)
+        )
+
+    async def _transfer(self, entry: EntryLifecycle, image: Image) -> list[str]:
+        """Copy ``image`` to the entry's regions it is not in; one problem per region left out."""
+        missing = tuple(r for r in entry.item.entry.transfer_regions if r not in image.regions)
+        if not missing:
+            return []
+        entry.transferring(missing)
+        return await self._transfers.distribute(
+            entry,
+            image,
+            missing,
+            group=group_tag_of(image) or entry.item.group,
+            size=entry.item.size,
+        )
 
     async def _apply(self, entry: EntryLifecycle, steps: Sequence[Step]) -> list[str]:
         known = self._known[entry.tag]
@@ -699,6 +740,7 @@ class Importer:
             tag = entry_tag_of(image)
             if tag is not None and tag in self._known:
                 self._learn(tag, image)
+        self._transfers.observe(images)
 
     def _learn(self, tag: str, image: Image) -> None:
         known = self._known.setdefault(tag, {})
@@ -858,6 +900,17 @@ async def run_import(
                 image_timeout=settings.image_timeout,
                 rng=rng,
             )
+            transfers = Transfers(
+                client,
+                journal,
+                clock,
+                first_poll=settings.first_poll,
+                poll_interval=settings.poll_interval,
+                timeout=settings.image_timeout,
+                max_transfers=settings.max_transfers,
+                # Its own jitter: drawing from the poller's would shift the poller's schedule.
+                rng=random.Random(None if seed is None else f"{seed}/transfers"),  # noqa: S311
+            )
             importer = Importer(
                 manifest,
                 client,
@@ -868,6 +921,7 @@ async def run_import(
                 sources=source_reader(prober, sizer, size_order=size_order),
                 prune=prune,
                 on_plan=on_plan,
+                transfers=transfers,
             )
 
             def report(images: tuple[ImageResult, ...], stopped: str | None) -> Report:

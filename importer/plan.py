@@ -44,7 +44,17 @@ from importer.manifest import Entry, Manifest
 
 GROUP_SIZE = PER_PAGE_MAX
 #: The counts of a plan, in the order the summary line gives them.
-SUMMARY_KEYS = ("create", "replace", "watch", "unchanged", "error", "rename", "delete", "orphaned")
+SUMMARY_KEYS = (
+    "create",
+    "replace",
+    "watch",
+    "unchanged",
+    "error",
+    "transfer",
+    "rename",
+    "delete",
+    "orphaned",
+)
 #: Tags the importer adds to every image it creates: set, entry, version, group.
 OWN_TAGS = 4
 
@@ -90,6 +100,9 @@ class PlannedImport:
     #: What rotation will do once this version is available, as far as the account
     #: lets one tell now (an import's new image shows as id 0).
     rotation: Rotation | None = None
+    #: The regions the entry's image will be transferred to once it is available: those
+    #: of the entry's ``regions`` its image is not in (see :mod:`importer.transfers`).
+    transfers: tuple[str, ...] = ()
 
     @property
     def index(self) -> int:
@@ -136,16 +149,29 @@ class RunPlan:
         counts["orphaned"] = len(self.orphans)
         if self.prune:
             counts["delete"] += len(self.orphans)
+        counts["transfer"] = sum(len(item.transfers) for item in self.items)
         return counts
 
+    @property
+    def has_regions(self) -> bool:
+        """Whether any entry names more than one region (the counts line then says transfers)."""
+        return any(item.entry.transfer_regions for item in self.items)
+
     def summary_line(self) -> str:
-        """``2 to create, 1 to replace, 40 unchanged, 1 to rename, 3 to delete, 1 orphaned``."""
+        """``2 to create, 1 to replace, 40 unchanged, 1 to rename, 3 to delete, 1 orphaned``.
+
+        With ``regions`` in the manifest, ``N to transfer`` after ``unchanged``.
+        """
         counts = self.counts()
         parts = [
             f"{counts['create']} to create",
             f"{counts['replace']} to replace",
             f"{counts['watch']} to watch",
             f"{counts['unchanged']} unchanged",
+        ]
+        if self.has_regions:
+            parts.append(f"{counts['transfer']} to transfer")
+        parts += [
             f"{counts['rename']} to rename",
             f"{counts['delete']} to delete",
             f"{counts['orphaned']} orphaned",
@@ -156,7 +182,11 @@ class RunPlan:
 
     def needs_work(self, item: PlannedImport) -> bool:
         rotation = item.rotation
-        return item.decision.action is not Action.UNCHANGED or bool(rotation and rotation.steps)
+        return (
+            item.decision.action is not Action.UNCHANGED
+            or bool(rotation and rotation.steps)
+            or bool(item.transfers)
+        )
 
     def table(self, *, every: bool | None = None) -> list[str]:
         """One line per entry (or only those with something to do, when there are many)."""
@@ -174,6 +204,9 @@ class RunPlan:
                 f"  {decision.action.value:<9} {item.entry.name} ({item.entry.region})"
                 f" version {version}{target}{note}{error}"
             )
+            for region in item.transfers:
+                who = "new image" if decision.imports else "image"
+                lines.append(f"      transfer {who} to {region}")
             for step in item.rotation.steps if item.rotation is not None else ():
                 if isinstance(step, Rename):
                     who = "new image" if step.image_id == 0 else f"image {step.image_id}"
@@ -202,6 +235,7 @@ class RunPlan:
                     "image_id": item.decision.watched_id,
                     "renames": sum(isinstance(step, Rename) for step in steps),
                     "deletes": sum(isinstance(step, Delete) for step in steps),
+                    "transfers": list(item.transfers),
                     "error": item.decision.error,
                 }
             )
@@ -242,6 +276,8 @@ def _item_json(item: PlannedImport) -> dict[str, Any]:
         "reconcile": decision.reconcile,
         "error": decision.error,
         "create_name": item.create_name if decision.imports else None,
+        "regions": list(item.entry.regions),
+        "transfers": list(item.transfers),
         "renames": [
             {"image_id": s.image_id or None, "from": s.old, "to": s.new}
             for s in steps
@@ -339,9 +375,28 @@ def make_plan(
         elif row is not None and (decision.reconcile or decision.action is Action.WATCH):
             group = row.group
         planned.append(
-            replace(item, group=group or "", rotation=_predicted(item, images, vtag, now))
+            replace(
+                item,
+                group=group or "",
+                rotation=_predicted(item, images, vtag, now),
+                transfers=_transfers(entry, decision),
+            )
         )
     return _ordered(manifest, planned, inventory.groups_in_use() if inventory else frozenset())
+
+
+def _transfers(entry: Entry, decision: Decision) -> tuple[str, ...]:
+    """The regions the entry's image will be transferred to once it is available.
+
+    An available image (unchanged) needs the regions it is not in; an import, or an
+    image still importing (which is in no region yet), all but the import region.
+    Older versions are never transferred.
+    """
+    if decision.action is Action.ERROR:
+        return ()
+    image = decision.image
+    have = set(image.regions) if image is not None and image.is_available else set()
+    return tuple(region for region in entry.transfer_regions if region not in have)
 
 
 def _predicted(

@@ -366,6 +366,11 @@ class StatusPoller:
                 self._resolve(member, exc)
             return
         listed.add(group)
+        self.take_listing(group, images)
+
+    def take_listing(self, group: str, images: Sequence[Image]) -> None:
+        """What a listing of ``group`` showed, whoever listed it (this poller, or the
+        transfers' watcher, :mod:`importer.transfers`): one listing serves both."""
         self.learn(images)
         if self.on_listed is not None:
             self.on_listed(images)

@@ -19,7 +19,7 @@ from importer.report import ImageResult
 
 #: Labels of entries whose image is being made: submitted (or being submitted,
 #: or being looked for after a lost answer) and not finished.
-IN_FLIGHT = frozenset({"creating", "uncertain", "importing", "rotating"})
+IN_FLIGHT = frozenset({"creating", "uncertain", "importing", "transferring", "rotating"})
 #: Labels of entries that have ended (in this run, or an earlier one).
 FINISHED = frozenset({"available", "failed", "timed_out", "rejected"})
 #: The label of an entry nothing has been done for yet (see :mod:`importer.lifecycle`).

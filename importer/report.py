@@ -15,7 +15,9 @@ from typing import Any
 from importer.clock import isoformat
 
 #: 2: each image says its action, version, renames and deletions; the report names
-#: its set and lists orphaned images (see the README's "The report").
+#: its set and lists orphaned images (see the README's "The report"). Still 2 with
+#: regions: each image's ``regions`` and the summary's ``regions`` are new fields, and
+#: every other field keeps its meaning.
 REPORT_VERSION = 2
 #: ``stopped`` of a report written while its run was still going (the periodic
 #: rewrites, and ``importer status`` of a run that never recorded its end).
@@ -83,11 +85,26 @@ class ImageResult:
     renamed: tuple[Renamed, ...] = ()
     #: Older versions deleted by rotation (beyond ``keep``).
     deleted: tuple[int, ...] = ()
+    #: Each region the image is transferred to, with its state (``transferred``,
+    #: ``transferring``, ``not_transferred`` or ``transfer_failed: <why>``, see
+    #: :mod:`importer.transfers`), in the manifest's order.
+    regions: tuple[tuple[str, str], ...] = ()
+
+    def region_states(self) -> dict[str, str]:
+        """Every region of the entry and its state, the import region first.
+
+        The import region is ``available`` once the image is (also when the run stopped
+        while copying it elsewhere), else the entry's outcome.
+        """
+        ready = self.outcome is Outcome.AVAILABLE or self.status == "available"
+        home = "available" if ready else self.outcome.value
+        return {self.region: home, **dict(self.regions)}
 
     def to_json(self) -> dict[str, Any]:
         # A shallow copy: asdict's deep one was most of the cost of a 10,000-entry report,
         # which is written every minute of a run.
         data = {name: getattr(self, name) for name in _RESULT_FIELDS}
+        data["regions"] = self.region_states()
         data["outcome"] = self.outcome.value
         data["submitted_at"] = _iso(self.submitted_at)
         data["finished_at"] = _iso(self.finished_at)
@@ -114,6 +131,12 @@ class ImageResult:
             Renamed(r["image_id"], r["from"], r["to"]) for r in data.get("renamed", ())
         )
         values["deleted"] = tuple(data.get("deleted", ()))
+        # The import region's state is derived from the outcome: only the others are kept.
+        values["regions"] = tuple(
+            (region, state)
+            for region, state in data.get("regions", {}).items()
+            if region != data["region"]
+        )
         return cls(**values)
 
 
@@ -177,6 +200,11 @@ class Report:
         summary["deleted"] = sum(len(r.deleted) for r in self.images)
         summary["orphaned"] = len(self.orphans)
         summary["orphans_deleted"] = sum(orphan.deleted for orphan in self.orphans)
+        # Regions reached by transfer, by state (``transfer_failed`` without its reason).
+        regions = Counter(
+            state.partition(":")[0] for result in self.images for _, state in result.regions
+        )
+        summary["regions"] = dict(sorted(regions.items()))
         return {
             "report_version": REPORT_VERSION,
             "manifest": self.manifest,

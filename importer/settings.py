@@ -115,6 +115,10 @@ class Settings:
     #: Creates sent for one entry before it is given up (each after the previous
     #: one's outcome was unknown and reconciliation found no image).
     max_creates: int = 8
+    #: Transfers sent for one region of one image in a run, before that region is
+    #: reported failed (each after the previous one errored or was refused). Each
+    #: transfer is watched for at most ``image_timeout`` from its start.
+    max_transfers: int = 3
     #: How long an image whose create answer was lost may stay invisible in
     #: listings before it is taken as absent. ``None``: the per-image timeout, the
     #: longest an import in progress (which listings may hide) can take.
@@ -154,6 +158,7 @@ class Settings:
             "image_timeout": self.image_timeout,
             "request_timeout": self.request_timeout,
             "max_creates": self.max_creates,
+            "max_transfers": self.max_transfers,
             "deadline": self.deadline,
         }
         for name, value in positive.items():

@@ -282,3 +282,36 @@ async def test_answers_under_every_switch_match_the_spec(openapi: OpenAPI) -> No
         assert listed.json()["links"]["pages"]["next"].startswith(f"{DEFAULT_API_URL}/v2/images?")
         await api.call("GET", f"/v2/images/{failing.json()['image']['id']}", status=404)
         await api.call("DELETE", f"/v2/images/{image_id}", status=204)
+
+
+async def test_transfer_answers_in_every_state_match_the_spec(openapi: OpenAPI) -> None:
+    """A transfer's 201, its action in progress, completed and errored, a refused transfer
+    (422), an unknown action (404), and an image's regions before and after: all fit the spec."""
+    timings = {"transfer_seconds": 60.0, "transfer_seconds_per_gib": 0.0}
+    async with contract(openapi, **timings) as api:
+        created = await api.call(
+            "POST", "/v2/images", body=new_image("r", marker="-fail-transfer-sgp1"), status=202
+        )
+        image_id = created.json()["image"]["id"]
+        await anyio.sleep(31)
+        actions = {}
+        for region in ("ams3", "sgp1"):
+            body = {"type": "transfer", "region": region}
+            answer = await api.call("POST", f"/v2/images/{image_id}/actions", body=body, status=201)
+            actions[region] = answer.json()["action"]
+            assert actions[region]["status"] == "in-progress"
+        busy = await api.call("GET", f"/v2/actions/{actions['ams3']['id']}", status=200)
+        assert busy.json()["action"]["completed_at"] is None
+        listed = await api.call("GET", "/v2/images?tag_name=contract", status=200)
+        assert listed.json()["images"][0]["regions"] == ["nyc3"]
+        await anyio.sleep(61)
+        done = await api.call("GET", f"/v2/actions/{actions['ams3']['id']}", status=200)
+        assert done.json()["action"]["status"] == "completed"
+        errored = await api.call("GET", f"/v2/actions/{actions['sgp1']['id']}", status=200)
+        assert errored.json()["action"]["status"] == "errored"
+        listed = await api.call("GET", "/v2/images?tag_name=contract", status=200)
+        assert listed.json()["images"][0]["regions"] == ["nyc3", "ams3"]
+        again = {"type": "transfer", "region": "ams3"}
+        refused = await api.call("POST", f"/v2/images/{image_id}/actions", body=again, status=422)
+        assert refused.json()["id"] == "unprocessable_entity"
+        await api.call("GET", "/v2/actions/424242", status=404)

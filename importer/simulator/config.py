@@ -55,7 +55,12 @@ class SimulatorConfig:
         slow_factor: duration multiplier for images marked ``slow``.
         failure_rate: fraction of images that fail asynchronously at random.
         stuck_rate: fraction of images that never leave ``NEW`` or ``pending``.
-        transfer_seconds, transfer_seconds_per_gib: duration of a ``transfer`` action.
+        transfer_seconds, transfer_seconds_per_gib: duration of a ``transfer`` action
+            (scaled by ``duration_noise`` too); the region shows in the image's
+            ``regions`` only once it has completed.
+        transfer_failure_rate: fraction of transfer actions that turn ``errored``
+            part-way (each attempt drawn anew, so a retry may succeed); the markers
+            ``fail-transfer`` and ``fail-transfer-<region>`` fail every attempt.
 
     Rate limits (per token, sliding logs):
         per_minute: requests allowed within any ``minute_window``.
@@ -111,6 +116,7 @@ class SimulatorConfig:
     stuck_rate: float = 0.0
     transfer_seconds: float = 2.0
     transfer_seconds_per_gib: float = 0.25
+    transfer_failure_rate: float = 0.0
 
     per_minute: int = 250
     per_hour: int = 5000
@@ -135,7 +141,7 @@ class SimulatorConfig:
     def __post_init__(self) -> None:
         fractions = (
             "duration_noise", "failure_rate", "stuck_rate", "error_rate", "html_error_fraction",
-            "reset_rate", "lost_create_rate", "slow_rate", "garbage_rate",
+            "reset_rate", "lost_create_rate", "slow_rate", "garbage_rate", "transfer_failure_rate",
         )  # fmt: skip
         for name in fractions:
             value = getattr(self, name)

@@ -86,9 +86,12 @@ MARKERS: Final = {
     "stuck-pending": "never leaves pending",
     "slow": "NEW and pending last slow_factor times longer",
     "no-head": "the file host answers HEAD with 405 and the import fails to download",
+    "fail-transfer": "every transfer action of the image turns errored part-way",
+    "fail-transfer-<region>": "every transfer of the image to that region turns errored",
     "size-<N>G / size-<N>M": "the source file is N GiB / MiB (else a seeded 0.5-8 GiB)",
 }
 _SIZE_MARKER: Final = re.compile(r"size-(\d+(?:\.\d+)?)([gm])", re.IGNORECASE)
+_FAIL_TRANSFER_MARKER: Final = re.compile(r"fail-transfer(?:-([a-z]{3}\d))?", re.IGNORECASE)
 _COMPRESSED_SUFFIXES: Final = (".gz", ".bz2")
 # Archives hold files rather than one compressed stream: DigitalOcean reports
 # those with its decompression error (tf-provider#613 names "multiple files");
@@ -149,7 +152,12 @@ class ImportPlan:
 
 @dataclass
 class SimAction:
-    """A ``transfer`` image action: copies an available image to another region."""
+    """A ``transfer`` image action: copies an available image to another region.
+
+    It completes ``duration`` seconds after it started, unless ``error_after`` says it
+    turns ``errored`` before that; only a completed transfer adds its region to the
+    image's ``regions``.
+    """
 
     id: int
     image_id: int
@@ -158,15 +166,27 @@ class SimAction:
     started_mono: float
     duration: float
     clock: Clock = field(repr=False, compare=False)
+    #: Seconds after the start when the transfer fails, or ``None`` if it does not.
+    error_after: float | None = None
+
+    @property
+    def elapsed(self) -> float:
+        return self.clock.monotonic() - self.started_mono
 
     @property
     def status(self) -> str:
-        done = self.clock.monotonic() - self.started_mono >= self.duration
-        return "completed" if done else "in-progress"
+        if self.error_after is not None:
+            return "errored" if self.elapsed >= self.error_after else "in-progress"
+        return "completed" if self.elapsed >= self.duration else "in-progress"
 
     @property
     def completed_at(self) -> float | None:
-        return self.started_at + self.duration if self.status == "completed" else None
+        """Unix time it ended (completed or errored), or ``None`` while in progress."""
+        if self.status == "in-progress":
+            return None
+        return self.started_at + (
+            self.error_after if self.error_after is not None else self.duration
+        )
 
 
 @dataclass
@@ -894,20 +914,28 @@ class World:
             raise ApiProblem(422, "unprocessable_entity", f"region {region!r} is not valid")
         if image.status != "available":
             raise ApiProblem(422, "unprocessable_entity", "the image is not available yet")
-        if region in image.regions or any(t.region == region for t in image.transfers):
+        if region in image.regions:
             raise ApiProblem(422, "unprocessable_entity", f"the image is already in {region}")
-        noise = _seeded(self.config.seed, "transfer", image.id, region).random()
+        # A transfer to a region another transfer is still copying to is accepted as a new
+        # action (what DigitalOcean does then is not documented); an errored one leaves
+        # the region free for another attempt.
+        attempt = sum(t.region == region for t in image.transfers)
+        rng = _seeded(self.config.seed, "transfer", image.id, region, attempt)
+        noise, failure, fail_point = (rng.random() for _ in range(3))
         base = self.config.transfer_seconds + self.config.transfer_seconds_per_gib * (
             image.plan.size_gib
         )
+        duration = base * (1 + self.config.duration_noise * (2 * noise - 1))
+        fails = failure < self.config.transfer_failure_rate or _transfer_marked(image.url, region)
         action = SimAction(
             id=self._next_action_id,
             image_id=image.id,
             region=region,
             started_at=self.clock.wall(),
             started_mono=self.clock.monotonic(),
-            duration=base * (1 + self.config.duration_noise * (2 * noise - 1)),
+            duration=duration,
             clock=self.clock,
+            error_after=duration * (0.2 + 0.7 * fail_point) if fails else None,
         )
         self._next_action_id += 1
         self.actions[action.id] = action
@@ -962,6 +990,17 @@ class World:
                 }
                 for _, image in sorted(self.images.items())
             ],
+            "actions": [
+                {
+                    "id": action.id,
+                    "image_id": action.image_id,
+                    "region": action.region,
+                    "status": action.status,
+                    "started_at": action.started_at,
+                    "completed_at": action.completed_at,
+                }
+                for _, action in sorted(self.actions.items())
+            ],
             "requests": dict(self.request_counts),
             "rate_limited": self.rate_limited_count,
             "other_client": {"sent": self.other_sent, "rate_limited": self.other_rate_limited},
@@ -1009,6 +1048,7 @@ class World:
                     "region": action.region,
                     "started_at": action.started_at,
                     "duration": action.duration,
+                    "error_after": action.error_after,
                 }
                 for _, action in sorted(self.actions.items())
             ],
@@ -1109,6 +1149,7 @@ class World:
                 started_mono=mono_of(float(raw["started_at"])),
                 duration=float(raw["duration"]),
                 clock=self.clock,
+                error_after=None if raw.get("error_after") is None else float(raw["error_after"]),
             )
             actions[action.id] = action
             images[action.image_id].transfers.append(action)
@@ -1136,6 +1177,16 @@ class World:
 
     def _wall_of(self, mono: float) -> float:
         return self.clock.wall() - (self.clock.monotonic() - mono)
+
+
+def _transfer_marked(url: str, region: str) -> bool:
+    """Whether the image's file name says its transfers (to ``region``) fail."""
+    filename = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+    for match in _FAIL_TRANSFER_MARKER.finditer(filename):
+        named = match.group(1)
+        if named is None or named.lower() == region:
+            return True
+    return False
 
 
 def _finite_or_none(value: float) -> float | None:
