@@ -82,7 +82,7 @@ import difflib
 import json
 import os
 import re
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
@@ -91,8 +91,8 @@ from urllib.parse import unquote, urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_core import ErrorDetails
-from yaml.constructor import ConstructorError
 
+from importer import strict_yaml
 from importer.catalog import (
     ACCEPTED_FORMATS,
     DISTRIBUTIONS,
@@ -127,6 +127,8 @@ CHECKSUM_PREFIX: Final = "sha256:"
 _CHECKSUM: Final = re.compile(r"^sha256:[0-9a-fA-F]{64}$")
 _ALGORITHM: Final = re.compile(r"^([A-Za-z][A-Za-z0-9-]*):")
 _HEX_DIGEST: Final = re.compile(r"^[0-9a-fA-F]+$")
+#: The characters ``str.isspace`` calls whitespace, found without a Python loop per character.
+_WHITESPACE: Final = re.compile(r"\s")
 
 Format = Literal["yaml", "json"]
 
@@ -219,51 +221,11 @@ class _DuplicateKeyError(Exception):
         self.key = key
 
 
-class _StrictYamlLoader(yaml.SafeLoader):
-    """The safe loader, minus its silent behaviours: duplicate keys and bad scalars raise."""
-
-    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
-        try:
-            return super().construct_object(node, deep)
-        except (yaml.YAMLError, RecursionError):
-            raise
-        except Exception as exc:
-            # PyYAML's constructors trust the scalars they get: ``2024-13-45`` makes datetime
-            # raise ValueError, an empty ``!!int`` IndexError, an empty ``!!bool`` KeyError.
-            detail = f" ({exc})" if isinstance(exc, ValueError) else ""
-            problem = f"invalid {node.tag.rsplit(':', 1)[-1]} value{detail}"
-            raise ConstructorError(None, None, problem, node.start_mark) from exc
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        seen: set[tuple[type, object]] = set()
-        for key_node, _ in node.value:
-            # Keys brought in by a ``<<`` merge may be overridden on purpose; only repeats among
-            # the mapping's own keys are mistakes.
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
-                continue
-            key = self.construct_object(key_node)
-            # The type is part of the identity so that ``1`` and ``true`` stay different keys.
-            identity = (type(key), key)
-            try:
-                repeated = identity in seen
-            except TypeError:
-                continue  # an unhashable key: the base class reports it with its position
-            if repeated:
-                raise ConstructorError(
-                    "while reading a mapping",
-                    node.start_mark,
-                    f"found the key {key!r} twice (the second would silently replace the first)",
-                    key_node.start_mark,
-                )
-            seen.add(identity)
-        return super().construct_mapping(node, deep)
-
-
 def _load(text: str, fmt: Format | None, source: str) -> object:
     try:
         if fmt == "json":
             return _load_json(text)
-        return yaml.load(text, Loader=_StrictYamlLoader)  # noqa: S506 - a SafeLoader subclass
+        return strict_yaml.load(text)
     except json.JSONDecodeError as exc:
         message = f"not valid JSON: {exc.msg} at {_at(exc.lineno, exc.colno)}"
     except _DuplicateKeyError as exc:
@@ -814,7 +776,7 @@ def _required(
 
 def _url_problem(url: str) -> str | None:
     shown = repr(redact_url(url))
-    if any(char.isspace() for char in url):
+    if _WHITESPACE.search(url):
         return f"{shown} contains whitespace; percent-encode it (a space is %20)"
     try:
         parts = urlsplit(url)

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from importer.settings import Settings, Token
-from tests.perf.bench import lower_bound, measure_importer, percentile, request_limits
+from tests.perf.bench import (
+    BenchLoop,
+    Scenario,
+    bounds,
+    detection_bound,
+    lower_bound,
+    measure_importer,
+    measure_strong,
+    percentile,
+    request_limits,
+)
+from tests.perf.windows import RequestLog, fastest_sends
 
 #: Targets from the issue: requests per image, and 429s (none: the importer paces itself).
 MAX_REQUESTS_PER_IMAGE = 1.15
@@ -58,3 +73,104 @@ async def test_importer_meets_the_request_targets() -> None:
     assert row.requests_per_image <= MAX_REQUESTS_PER_IMAGE, (
         f"{row.requests_per_image:.2f} requests per image ({row.requests_by_route})"
     )
+
+
+# --- the bounds that count status requests, and the pacing they share ---------------------
+
+
+def test_request_log_waits_for_every_window() -> None:
+    """Two a minute and three an hour: the third waits a minute, the fourth for the hour."""
+    log = RequestLog.per(2, 3)
+    for sent in (0.0, 0.0):
+        assert log.wait_time(sent) == 0.0
+        log.record(sent)
+    assert log.wait_time(0.0) == 60.0
+    log.record(log.next_slot(0.0))
+    assert log.next_slot(60.0) == 3600.0
+
+
+def test_fastest_sends_follow_both_windows() -> None:
+    """The fastest pace: two at once, then one more each time the minute allows."""
+    assert list(fastest_sends(5, per_minute=2, per_hour=100)) == [0.0, 0.0, 60.0, 60.0, 120.0]
+
+
+def test_detection_bound_counts_a_listing_per_page() -> None:
+    """per_page=2: four 1 s imports need two listings; three an hour pushes them to 3600 s."""
+    durations = [1.0, 1.0, 1.0, 1.0]
+    assert lower_bound(durations, per_minute=2, per_hour=4) == 61.0
+    assert detection_bound(durations, per_minute=2, per_hour=4, per_page=2) == 3600.0
+
+
+def test_detection_bound_is_the_last_import_when_the_budget_is_ample() -> None:
+    """With room to spare, seeing every image costs nothing beyond the last import."""
+    assert detection_bound([100.0, 50.0, 10.0], per_minute=250, per_hour=5000) == 100.0
+    assert detection_bound([], per_minute=250, per_hour=5000) == 0.0
+
+
+@given(
+    durations=st.lists(st.floats(0.0, 1000.0), max_size=60),
+    per_minute=st.integers(1, 20),
+    per_hour=st.integers(1, 100),
+    per_page=st.integers(1, 10),
+)
+def test_detection_bound_is_never_below_the_creates_only_bound(
+    durations: list[float], per_minute: int, per_hour: int, per_page: int
+) -> None:
+    """Counting status requests can only move the bound later."""
+    assert detection_bound(durations, per_minute, per_hour, per_page) >= lower_bound(
+        durations, per_minute, per_hour
+    )
+
+
+def test_weather_leaves_the_tool_what_the_other_tool_does_not_take() -> None:
+    """Another tool at 20% of the hour: 4,000 an hour left, and 233 a minute."""
+    weather = Scenario(weather=True)
+    assert weather.other_per_hour == 1000
+    assert weather.full_limits() == (233, 4000)
+    assert weather.allowed_limits() == (225, 4000)
+    assert Scenario().allowed_limits() == (225, 4500)
+    assert Scenario(reserve=0.0).allowed_limits() == Scenario().full_limits() == (250, 5000)
+
+
+def test_bounds_of_the_bench_manifest() -> None:
+    """Three bounds, in order; 1,000 images fit in the budget, so all three agree."""
+    found = bounds(1000, Scenario())
+    assert found.creates_only <= found.detection_allowed
+    assert found.detection_full <= found.detection_allowed
+    assert found.creates_only == found.detection_allowed == found.detection_full
+
+
+def test_bounds_at_4500_images_wait_for_the_hour() -> None:
+    """4,500 creates spend the allowed hour: the listings after them wait for it to pass."""
+    found = bounds(4500, Scenario())
+    assert found.creates_only < 3600.0 <= found.detection_allowed
+    assert found.detection_full < 3600.0
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, Any]]:
+    """pydo hands work to a thread pool: the bench's loop runs it inline, on virtual time."""
+    return ("asyncio", {"loop_factory": BenchLoop})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("list_in_progress", [False, True])
+async def test_importer_in_weather_ends_every_entry_once(list_in_progress: bool) -> None:
+    """5xx, lost creates and another tool on the token: every image available, one each."""
+    scenario = Scenario(weather=True, list_in_progress=list_in_progress)
+    row = await measure_importer(200, scenario=scenario)
+    assert row.available == 200, row.errors
+    assert row.duplicates == 0
+    assert row.other_requests > 0
+    assert row.rate_limited == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("weather", [False, True])
+async def test_strong_baseline_imports_everything(weather: bool) -> None:
+    """The strong pydo script: every image available, no duplicate, no 429 of its own."""
+    pytest.importorskip("pydo", reason="the baselines need the bench extra")
+    row = await measure_strong(200, scenario=Scenario(weather=weather))
+    assert row.available == 200, row.errors
+    assert row.duplicates == 0
+    assert row.rate_limited == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from importer import strict_yaml
 from importer.catalog import DISTRIBUTIONS, REGIONS
 from importer.errors import ManifestError, Problem
 from importer.manifest import (
@@ -26,6 +28,18 @@ from tests.examples import example_manifest
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 MODEST = settings(max_examples=200, deadline=None)
+
+
+@pytest.fixture(autouse=True, scope="module", params=["libyaml", "pure-python"])
+def yaml_loader(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test of this module runs twice: on libyaml's parser and on the pure-Python one."""
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "pure-python":
+            patch.setattr(strict_yaml, "_C_LOADER", None)
+        elif strict_yaml._C_LOADER is None:
+            pytest.skip("PyYAML is built without libyaml here")
+        yield str(request.param)
+
 
 GOOD = {"name": "web-base", "url": "https://images.example.com/web-base.qcow2", "region": "nyc3"}
 

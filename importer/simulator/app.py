@@ -147,7 +147,8 @@ async def _persist_middleware(request: web.Request, handler: Handler) -> web.Str
 async def _api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     world = request.app[WORLD]
     if not (request.path == "/v2" or request.path.startswith("/v2/")):
-        # The file host and the admin view never await: all of their time is the simulator's.
+        # The file host and the admin view await nothing but a HEAD's latency (which the
+        # handler leaves out): the rest of their time is the simulator's.
         started = time.process_time()
         try:
             return await handler(request)
@@ -378,6 +379,11 @@ async def _file(request: web.Request) -> web.Response:
     """
     world = request.app[WORLD]
     filename = request.match_info["filename"]
+    if request.method == "HEAD" and world.config.head_latency > 0:
+        # The middleware charges this handler's CPU time to the simulator: not the wait's.
+        slept = time.process_time()
+        await world.clock.sleep(world.config.head_latency)
+        world.cpu_seconds -= time.process_time() - slept
     sums = world.checksums_text(filename)
     if sums is not None:
         return _text_file(request, sums)

@@ -61,6 +61,8 @@ class SimulatorConfig:
         transfer_failure_rate: fraction of transfer actions that turn ``errored``
             part-way (each attempt drawn anew, so a retry may succeed); the markers
             ``fail-transfer`` and ``fail-transfer-<region>`` fail every attempt.
+        head_latency: seconds the file host takes to answer a ``HEAD`` (a real image
+            host is a network away; 0 answers at once).
 
     Rate limits (per token, sliding logs):
         per_minute: requests allowed within any ``minute_window``.
@@ -117,6 +119,7 @@ class SimulatorConfig:
     transfer_seconds: float = 2.0
     transfer_seconds_per_gib: float = 0.25
     transfer_failure_rate: float = 0.0
+    head_latency: float = 0.0
 
     per_minute: int = 250
     per_hour: int = 5000
@@ -150,6 +153,7 @@ class SimulatorConfig:
         durations = (
             "new_seconds", "pending_seconds", "seconds_per_gib", "fail_fast_seconds",
             "transfer_seconds", "transfer_seconds_per_gib", "slow_seconds", "list_lag",
+            "head_latency",
             "other_per_minute", "delay_seconds", "purge_failed_after", "delay_after",
         )  # fmt: skip
         for name in durations:

@@ -33,6 +33,7 @@ from importer.catalog import (
 )
 from importer.clock import Clock, isoformat
 from importer.simulator.config import SimulatorConfig
+from importer.simulator.listing import ListingIndex
 
 Json = dict[str, Any]
 
@@ -409,6 +410,7 @@ class World:
         self._next_image_id = FIRST_IMAGE_ID
         self._next_action_id = FIRST_ACTION_ID
         self._request_seq = 0
+        self._listing = ListingIndex()
 
     # -- requests -------------------------------------------------------------
 
@@ -628,6 +630,7 @@ class World:
         )
         self._next_image_id += 1
         self.images[image.id] = image
+        self._listing.add(image)
         return image
 
     def plan_import(self, name: str, url: str) -> ImportPlan:
@@ -805,6 +808,7 @@ class World:
             raise ApiProblem(422, "unprocessable_entity", DELETE_IMPORTING_MESSAGE)
         image.deleted_by_user = True
         image.deleted_mono = self.clock.monotonic()
+        self._listing.deleted(image)
 
     def update_image(self, image_id: int, body: object) -> SimImage:
         """``PUT /v2/images/{id}`` (``images_update``): any of name, distribution, description.
@@ -859,25 +863,36 @@ class World:
         ``application``) never matches a custom image. ``per_page`` outside
         1..200 or ``page`` < 1 answer 422 rather than being clamped, so a client
         bug shows up in tests (what the real API does there is not documented).
+        A call costs about its page, not every image: see :mod:`importer.simulator.listing`.
         """
         per_page = _int_param(query, "per_page", PER_PAGE_DEFAULT, PER_PAGE_MAX)
         page = _int_param(query, "page", 1, None)
         tag = query.get("tag_name")
         now = self.clock.monotonic()
-        matching = [
-            image
-            for _, image in sorted(self.images.items())
-            if "type" not in query
-            and self.listed(image, now)
-            and (tag is None or tag in image.tags)
-        ]
-        start = (page - 1) * per_page
+        images: list[SimImage] = []
+        total = 0
+        if "type" in query:
+            pass
+        elif self.config.list_lag == 0 and not self.config.list_failed:
+            # The plain listings (the defaults, and every benchmark) come from the index,
+            # in time proportional to the page.
+            images, total = self._listing.page(
+                tag, self.config.list_in_progress, page, per_page, now
+            )
+        else:
+            matching = [
+                image
+                for _, image in sorted(self.images.items())
+                if self.listed(image, now) and (tag is None or tag in image.tags)
+            ]
+            start = (page - 1) * per_page
+            images, total = matching[start : start + per_page], len(matching)
         return ImagePage(
-            images=matching[start : start + per_page],
-            total=len(matching),
+            images=images,
+            total=total,
             page=page,
             per_page=per_page,
-            last_page=max(1, math.ceil(len(matching) / per_page)),
+            last_page=max(1, math.ceil(total / per_page)),
         )
 
     def image_json(self, image: SimImage) -> Json:
@@ -1173,6 +1188,9 @@ class World:
         next_action_id = max(int(snapshot["next_action_id"]), max(actions, default=0) + 1)
         # Nothing is replaced before everything was read: a bad snapshot changes nothing.
         self.images, self.actions, self.files, self.checksum_lists = images, actions, files, lists
+        self._listing = ListingIndex()
+        for image_id in sorted(images):
+            self._listing.add(images[image_id])
         self._next_image_id, self._next_action_id = next_image_id, next_action_id
 
     def _wall_of(self, mono: float) -> float:

@@ -108,7 +108,7 @@ def _cpu_seconds() -> float:
 
 
 def nightly_manifest(sim: Simulator, images: int) -> Manifest:
-    base = bench_manifest(sim, images)
+    base = bench_manifest(sim.base_url, images)
     return Manifest(version=1, entries=base.entries, source="<bench>", set=SET)
 
 
