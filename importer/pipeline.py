@@ -164,6 +164,7 @@ class Importer:
         transfers: Transfers | None = None,
     ) -> None:
         self._manifest = manifest
+        self._set_tag = set_tag(manifest.set)
         self._client = client
         self._poller = poller
         self._journal = journal
@@ -340,9 +341,6 @@ class Importer:
         decision = item.decision
         if decision.action is not Action.UNCHANGED or decision.reconcile or item.transfers:
             return False
-        if item.version is None:
-            # The source could not be probed: its image is kept as it is, unrotated.
-            return True
         return (
             item.rotation is not None
             and item.rotation.is_empty
@@ -743,6 +741,9 @@ class Importer:
         self._transfers.observe(images)
 
     def _learn(self, tag: str, image: Image) -> None:
+        if self._set_tag not in (image.tags or ()):
+            # Not the set's (someone took the tag off to keep it): never renamed nor deleted.
+            return
         known = self._known.setdefault(tag, {})
         if image.has_failed:
             known.pop(image.id, None)

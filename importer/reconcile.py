@@ -258,14 +258,19 @@ class Reconciler:
         return len(seen) >= state.creates_sent
 
     async def _ours(self, item: PlannedImport) -> list[Image]:
-        """The images with the entry's tag that this entry's creates may have made.
+        """The images with the entry's (and set's) tags that this entry's creates may have made.
 
         Only images of the version the creates were for: the entry's other
         versions are rotation's business. An earlier import of the same entry and
         version (with another state file) carries the same tags; it was created
         before this entry's first create left, and is neither adopted nor deleted.
         """
-        images = await self._client.list(tag_name=item.tag)
+        images = [
+            image
+            for image in await self._client.list(tag_name=item.tag)
+            # Images without the set's tag are never the importer's to adopt or delete.
+            if item.set_tag in (image.tags or ())
+        ]
         vtag = item.version_tag
         if vtag is not None:
             images = [image for image in images if vtag in (image.tags or ())]
