@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from importer.catalog import API_URL_ENV, DEFAULT_API_URL, TOKEN_ENV
 from importer.errors import ConfigurationError, InvalidSettingError
+from importer.redact import redact_url
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,20 @@ def is_loopback(host: str) -> bool:
 
 def check_api_url(url: str) -> str:
     """``url`` without a trailing slash, if it is safe to send a bearer token to."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ConfigurationError(f"the API URL {redact_url(url)!r} is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigurationError(f"the API URL {url!r} is not an absolute http(s) URL")
+        raise ConfigurationError(f"the API URL {redact_url(url)!r} is not an absolute http(s) URL")
+    if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
+        # The token is the only credential sent; anything else in the URL would be
+        # written to reports and state files, where no secret belongs.
+        raise ConfigurationError(
+            f"the API URL {redact_url(url)!r} carries credentials, a query or a fragment; "
+            "give the base URL alone (scheme, host, optional port and path)"
+        )
     if parts.scheme == "http" and not is_loopback(parts.hostname):
         raise ConfigurationError(
             f"refusing to send the token over plain http to {parts.hostname}; "
