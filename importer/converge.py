@@ -58,7 +58,7 @@ class Action(StrEnum):
     ERROR = "error"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Decision:
     """One entry's action, and the image it concerns."""
 
@@ -132,14 +132,14 @@ def decide(
 # -- rotation -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Rename:
     image_id: int
     old: str
     new: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Delete:
     image_id: int
     #: ``old_version`` (beyond ``keep``) or ``duplicate`` (an extra copy of a kept version).
@@ -150,7 +150,7 @@ class Delete:
 Step = Rename | Delete
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Rotation:
     """What makes one entry's images right, as steps in the order to take them.
 

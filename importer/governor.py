@@ -29,13 +29,20 @@ Requests wait in priority order, FIFO within a priority: status checks (few, and
 each one that waits delays what the run learns) go before creates (many, and
 each waiting one only delays itself). Neither starves: status checks are paced
 by the poller, and creates get everything else, except two things kept for
-status checks: one request in flight, and ``status_share`` of the hourly window.
-The latter matters when the hour's budget is spent: for the rest of that hour
-nothing frees up, and without a share kept back, no image could be checked.
+status checks: one request in flight, and what the status checks will need of
+the hourly window. The latter matters when the hour's budget is spent: for the
+rest of that hour nothing frees up, and images must still be checked. What they
+will need is a forecast (:mod:`importer.forecast`, from the poller, which knows
+its schedule): a create may leave only if, at every moment of the coming hour,
+the requests still counted then, plus the status checks forecast until then,
+plus this create, fit the window. Creates thus take every request status checks
+will not need, and a run needing a few more creates than 95% of the hour no
+longer waits a whole hour for them.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import heapq
 import itertools
@@ -52,8 +59,24 @@ import structlog
 
 from importer.api import RateLimit
 from importer.clock import Clock
+from importer.forecast import Demand, StatusForecast
 
 HOUR = 3600.0
+#: A window is checked ahead in this many steps (a create may leave only if the status
+#: checks forecast up to the end of each step fit beside what is still counted at its
+#: start), and the first step's forecast is kept free right now...
+RESERVE_STEPS = 12
+#: ...steps of at most this long (the hour is checked minute by minute).
+RESERVE_STEP = 60.0
+#: How long a forecast is used before it is asked again.
+RESERVE_REFRESH = 5.0
+#: Status checks are kept at most this share of a window: a forecast beyond what the
+#: window can give (a poll interval of seconds, a limit of a few a minute) must not stop
+#: creates altogether.
+RESERVE_MAX_SHARE = 0.5
+#: A lull longer than this in the hourly window freeing up is where a run that needs
+#: one request more waits (see :meth:`Governor.spare`).
+SPARE_GAP = 60.0
 
 
 class Priority(IntEnum):
@@ -151,6 +174,74 @@ class SlidingLog:
         """Our requests in the window right now."""
         self._expire(now)
         return len(self._ours)
+
+    def held_after(self, when: float) -> int:
+        """Requests (ours and others' known) still in the window just after ``when``."""
+        horizon = when - self._span
+        return sum(len(times) - bisect.bisect_right(times, horizon) for times in self._held())
+
+    def held_times(self, now: float) -> list[float]:
+        """The send times of every request in the window now, oldest first."""
+        self._expire(now)
+        return list(heapq.merge(*self._held()))
+
+    def _held(self) -> tuple[deque[float], ...]:
+        return (self._ours, self._theirs) if self._theirs else (self._ours,)
+
+    @property
+    def span(self) -> float:
+        """How long a request stays in the window (the period and the margin)."""
+        return self._span
+
+
+class _Reserve:
+    """The room one window leaves creates beside what status checks will need.
+
+    A create may leave only if, at every step of the window ahead, the requests still
+    counted then, plus the status checks forecast from now until the end of that step,
+    plus the create, fit the limit. The first step is the window's ordinary check with
+    its forecast kept free; the rest is computed at most once per ``refresh`` while it
+    lasts, each request admitted since taking one from it (a status check the forecast
+    counted too, which errs on the safe side until the next computation).
+    """
+
+    def __init__(self, log: SlidingLog) -> None:
+        self.log = log
+        self.step = min(RESERVE_STEP, log.span / RESERVE_STEPS)
+        self.refresh = min(RESERVE_REFRESH, self.step)
+        self.most = math.floor(log.window.limit * RESERVE_MAX_SHARE)
+        self._room = 0
+        self._at = -math.inf
+        self.admitted = 0
+
+    def soon(self, now: float, demand: Demand) -> int:
+        """What status checks need within the first step: kept free now."""
+        return min(self.most, _whole(demand.between(now, now + self.step)))
+
+    def later_wait(self, now: float, demand: Demand, theirs: int, until: float) -> float:
+        """0 if a create leaves room for the status checks after the first step, else how
+        long until that is asked again. ``theirs`` requests of others count until ``until``."""
+        if now - self._at >= self.refresh or self._room - self.admitted < 1 <= self._room:
+            self._room = self._later_room(now, demand, theirs, until)
+            self._at = now
+            self.admitted = 0
+        if self._room - self.admitted >= 1:
+            return 0.0
+        return max(self._at + self.refresh - now, 1e-3)
+
+    def _later_room(self, now: float, demand: Demand, theirs: int, until: float) -> int:
+        log = self.log
+        limit = log.window.limit
+        end = now + log.span
+        room = limit
+        start = now + self.step
+        while start < end:
+            stop = min(start + self.step, end)
+            others = theirs if start < until else 0
+            need = min(self.most, _whole(demand.between(now, stop)))
+            room = min(room, limit - others - log.held_after(start) - need)
+            start = stop
+        return room
 
 
 @dataclass(order=True)
@@ -252,7 +343,7 @@ class Governor:
         concurrency: int,
         windows: Sequence[Window],
         margin: float = 1.0,
-        status_share: float = 0.05,
+        forecast: StatusForecast | None = None,
         default_pause: float = 2.0,
         max_probe_pause: float = 60.0,
         max_pause: float = 3600.0,
@@ -274,9 +365,11 @@ class Governor:
         # Others' requests seen in the hour, and when the last of those surely expired.
         self._others = 0
         self._others_until = -math.inf
-        self._kept_for_status = (
-            math.floor(self._hourly.window.limit * status_share) if self._hourly else 0
-        )
+        # What status checks will need; none is kept for them without a forecast.
+        self._forecast = forecast
+        self._demand: Demand | None = None
+        self._demand_at = -math.inf
+        self._reserves = {id(log): _Reserve(log) for log in self._logs}
         self._paused_until = -math.inf
         # Pauses begun so far; each 429 to a request sent under the latest one begins another.
         self._epoch = 0
@@ -291,6 +384,12 @@ class Governor:
         self._log = structlog.get_logger("importer.governor")
         #: 429 answers observed.
         self.rate_limited = 0
+
+    def use_forecast(self, forecast: StatusForecast) -> None:
+        """Keep for status checks what ``forecast`` says they will need (set once, early)."""
+        self._forecast = forecast
+        self._demand = None
+        self._reserves = {id(log): _Reserve(log) for log in self._logs}
 
     @asynccontextmanager
     async def slot(self, priority: Priority = Priority.CREATE) -> AsyncIterator[None]:
@@ -326,8 +425,7 @@ class Governor:
                 break
             if await self._sleep_unless_outranked(wait, priority):
                 return None
-        for log in self._logs:
-            log.record(now)
+        self._record(now)
         ticket = _Ticket(self, now, self._epoch, probe=self._probing)
         if ticket.probe:
             self._probe_out = True
@@ -378,18 +476,78 @@ class Governor:
         if self._probing and self._probe_out:
             return math.inf
         waits = [self._paused_until - now]
+        demand = None
+        if priority is Priority.CREATE and self._forecast is not None:
+            demand = self._current_demand(now)
         for log in self._logs:
             others = 0
             kept = 0
+            reserve = self._reserves[id(log)]
             if log is self._hourly:
                 others = self._others if now < self._others_until else 0
-                kept = self._kept_for_status if priority is Priority.CREATE else 0
+            if demand is not None:
+                # What status checks need soon stays free now: a burst of creates that
+                # fills the minute must not hold a due listing until it expires.
+                kept = reserve.soon(now, demand)
             wait = log.wait_time(now, others + kept)
             if others:
                 # By then every request of theirs that we know of has expired.
                 wait = min(wait, max(self._others_until - now, log.wait_time(now, kept)))
+            if kept and wait > reserve.refresh:
+                # Held back for checks the forecast may drop (they went, or are not due
+                # after all): ask again soon rather than wait for the window to free up.
+                wait = max(reserve.refresh, min(wait, log.wait_time(now, others)))
+            if wait <= 0 and demand is not None:
+                until = self._others_until if log is self._hourly else -math.inf
+                wait = reserve.later_wait(now, demand, others, until)
             waits.append(wait)
         return max(waits)
+
+    def _current_demand(self, now: float) -> Demand:
+        assert self._forecast is not None
+        if self._demand is None or now - self._demand_at >= RESERVE_REFRESH:
+            self._demand = self._forecast.demand(now)
+            self._demand_at = now
+        return self._demand
+
+    def spare(self, creates: int, gap: float = SPARE_GAP) -> float:
+        """Requests that may go besides ``creates`` more creates before the last create
+        would have to wait for a lull of more than ``gap`` seconds in the hourly window.
+
+        Sent as fast as the hour allows, the k-th request from now leaves when the
+        window has room: at once while it has, then as each request in it expires,
+        then an hour after each of those. Where that schedule pauses for long (the
+        rest of an hour whose budget went in its first minutes), a run needing one
+        request more than fits before the pause waits for all of it. ``inf`` without
+        an hourly window.
+        """
+        log = self._hourly
+        if log is None or creates <= 0:
+            return math.inf
+        now = self._clock.monotonic()
+        held = log.held_times(now)
+        room = log.window.limit - (self._others if now < self._others_until else 0)
+        if room <= 0:
+            return 0.0
+        free = room - len(held)
+        span = log.span
+        # When each of the next `room` requests can leave; after that, an hour later each.
+        starts = [now] * max(0, free) + [sent + span for sent in held[max(0, -free) :]]
+
+        def leaves(k: int) -> float:
+            cycle, position = divmod(k, room)
+            return starts[position] + cycle * span
+
+        last = max(creates, 1) - 1
+        when = leaves(last)
+        # Follow the schedule past the last create, up to an hour's worth, until it pauses.
+        for k in range(last + 1, last + 1 + room):
+            following = leaves(k)
+            if following - when > gap:
+                break
+            when = following
+            last = k
+        return float(last + 1 - creates)
 
     def observe(self, status: int, rate: RateLimit) -> None:
         """Learn from an answer: what others spend, and whether to pause everyone.
@@ -457,11 +615,21 @@ class Governor:
 
     def charge(self, now: float) -> None:
         """Count a request that left without asking: aiohttp resends some on its own."""
+        self._record(now)
+
+    def _record(self, now: float) -> None:
         for log in self._logs:
             log.record(now)
+        for reserve in self._reserves.values():
+            reserve.admitted += 1
 
     def hour_usage(self) -> tuple[int, int] | None:
         """Our requests in the sliding hour, and the hour's budget (after the reserve)."""
         if self._hourly is None:
             return None
         return self._hourly.count(self._clock.monotonic()), self._hourly.window.limit
+
+
+def _whole(requests: float) -> int:
+    """Whole requests to keep for an expected count (a hair's rounding error forgiven)."""
+    return max(0, math.ceil(requests - 1e-6))

@@ -107,7 +107,7 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:TAG_DIGEST_LENGTH]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Version:
     """One content of an entry's source: its canonical ``value`` and where it was learned.
 

@@ -222,7 +222,7 @@ class EntryLifecycle:
         self.item = item
         self._journal = journal
         self._clock = clock
-        self.log: Log = log.bind(index=item.index, name=item.entry.name, region=item.entry.region)
+        self._log = log
         self.state = State.PLANNED
         self._turn = Turn()
         version = item.version
@@ -239,6 +239,13 @@ class EntryLifecycle:
         )
 
     # -- reading --------------------------------------------------------------------
+
+    @property
+    def log(self) -> Log:
+        """The run's logger, bound to this entry (bound anew each time: a few events per
+        entry, and a run of 50,000 entries keeps no logger per entry)."""
+        entry = self.item.entry
+        return self._log.bind(index=entry.index, name=entry.name, region=entry.region)
 
     @property
     def result(self) -> ImageResult:
@@ -272,6 +279,12 @@ class EntryLifecycle:
         return self.result.outcome.value if self.state.is_final else self.state.value
 
     # -- the submission turn ----------------------------------------------------------
+
+    def assign_group(self, group: str) -> None:
+        """Give an import its group tag: the run numbers groups in the order of submission."""
+        if self.state is not State.PLANNED:
+            raise IllegalTransitionError(self.tag, self.state, self.state, "assign_group")
+        self.item = replace(self.item, group=group)
 
     def take_turn(self, turn: Turn) -> None:
         """Hold ``turn`` until the entry leaves the submitting states."""

@@ -133,7 +133,7 @@ _WHITESPACE: Final = re.compile(r"\s")
 Format = Literal["yaml", "json"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One image to import, with the defaults already merged in."""
 

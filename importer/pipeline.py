@@ -1,11 +1,15 @@
-"""The run: read the sources and the account, decide, import, rotate, report.
+"""The run: read the account and the sources, decide, import, rotate, report.
 
-Before anything is sent, each source is probed for its version and the set's
-images are listed (:func:`read_plan`); each entry is then decided from the
-account (:mod:`importer.converge`): unchanged entries are settled at once, the
-others get one task each inside one task group (imports wait for a submission
-turn; watching and rotating need none). Each task turns its own failures into
-an :class:`~importer.report.Outcome`; only bugs and cancellation escape it.
+Before anything is sent, the set's images are listed; then each source is probed
+for its size and version, and each entry is decided from the account
+(:mod:`importer.converge`) as soon as its source has answered: unchanged entries
+are settled at once, the others get one task each inside one task group (imports
+wait for a submission turn; watching and rotating need none). Imports are handed
+their turns largest known file first (:mod:`importer.order`) while the other
+sources are still being probed: the first creates do not wait for the last
+``HEAD``. The plan is complete, and shown, once every source has answered. Each
+task turns its own failures into an :class:`~importer.report.Outcome`; only bugs
+and cancellation escape it.
 
 Some failures end the whole run instead, because nothing more can succeed after
 them: a 401 (the token is refused; no request is sent after it) and an
@@ -68,13 +72,16 @@ from importer.inventory import Inventory, entry_tag_of, group_tag_of, read_inven
 from importer.journal import MEMORY, DeletionState, EntryState, Journal, Phase
 from importer.lifecycle import EntryLifecycle, State, Turn
 from importer.manifest import Entry, Manifest
+from importer.order import LargestFirst
 from importer.plan import (
+    Groups,
     KnownSource,
     PlannedImport,
     RunPlan,
     SourceFacts,
     fallback_version,
     make_plan,
+    plan_entry,
 )
 from importer.poller import StatusPoller
 from importer.progress import RunMonitor, Sources, Tally
@@ -111,7 +118,10 @@ class Stopper:
 
 #: How often one entry is decided anew in a run (an image it watched vanished).
 MAX_DECISIONS = 3
-SourcesFn = Callable[[Sequence[Entry]], Awaitable[Mapping[int, SourceFacts]]]
+#: Called with each entry's index and source as they become known.
+Found = Callable[[int, SourceFacts], None]
+#: Learns the sources of the entries given, telling ``Found`` of each; returns when done.
+SourcesFn = Callable[[Sequence[Entry], Found], Awaitable[None]]
 
 
 async def read_plan(
@@ -161,6 +171,7 @@ class Importer:
         sources: SourcesFn | None = None,
         prune: bool = False,
         on_plan: Callable[[RunPlan], None] | None = None,
+        size_order: bool = True,
         transfers: Transfers | None = None,
     ) -> None:
         self._manifest = manifest
@@ -173,6 +184,13 @@ class Importer:
         self._sources = sources
         self._prune = prune
         self._on_plan = on_plan
+        self._size_order = size_order
+        self._by_index = {entry.index: entry for entry in manifest.entries}
+        #: The imports waiting for their turn, largest known first.
+        self._queue: LargestFirst[EntryLifecycle] | None = None
+        # An image's task starts when its turn to submit comes: thousands of
+        # tasks queued inside the client would cost memory and nothing else.
+        self._turns = anyio.Semaphore(settings.concurrency)
         self._log: Log = structlog.get_logger("importer.pipeline")
         self._entries: dict[int, EntryLifecycle] = {}
         #: Every live image of each entry of the plan, as last seen (id -> image).
@@ -230,9 +248,9 @@ class Importer:
             if self._settings.deadline is not None:
                 outer.start_soon(self._stop_at_deadline, self._settings.deadline)
             with anyio.CancelScope() as self._scope:
-                plan = await self._make_plan()
-                if plan is not None:
-                    await self._execute(plan)
+                inventory = await self._read_account()
+                if inventory is not None:
+                    await self._plan_and_submit(inventory)
             outer.cancel_scope.cancel()
         for entry in self._entries.values():
             if not entry.done:
@@ -242,6 +260,13 @@ class Importer:
             entry.journaled_deletions(self._journal.unreported_deletions(entry.tag))
         counts = Counter(result.outcome.value for result in self.results())
         self._log.info("run.finished", stopped=self.stopped, **counts)
+
+    def creates_left(self) -> int:
+        """About how many creates the run still has to send: the entries waiting for their
+        turn (or for their source), and those holding a turn (their create is on its way)."""
+        queue = self._queue
+        waiting = len(self._manifest.entries) if queue is None else queue.left
+        return waiting + self._settings.concurrency - self._turns.value
 
     def stop(self, reason: str) -> None:
         """End the run early: no new request; unfinished images are reported as such."""
@@ -261,42 +286,120 @@ class Importer:
 
     # -- planning -------------------------------------------------------------------
 
-    async def _make_plan(self) -> RunPlan | None:
-        """Probe the sources, read the account, decide: before anything is sent."""
-        sources = await self._sources(self._manifest.entries) if self._sources else None
+    async def _read_account(self) -> Inventory | None:
+        """The set's images, before anything is sent; ``None`` (the run stops) if unreadable."""
         try:
-            plan, inventory = await read_plan(
-                self._manifest,
-                self._client,
-                self._journal,
-                self._clock,
-                sources=sources,
-                prune=self._prune,
-            )
+            return await read_inventory(self._client, set_tag(self._manifest.set))
         except AuthenticationError as exc:
             self._fail_run(None, "authentication_failed", exc)
-            return None
         except ApiUnreachableError as exc:
             self._fail_run(None, "api_unreachable", exc)
-            return None
         except ApiError as exc:
             # Deciding without the account could only make duplicates.
             self._fail_run(None, "account_unreadable", exc)
-            return None
-        self.plan = plan
-        for item in plan.items:
-            self._known[item.tag] = {image.id: image for image in inventory.entry(item.tag)}
-            self._entries[item.index] = EntryLifecycle(
-                item, self._journal, self._clock, self._log, observer=self._entry_changed
-            )
+        return None
+
+    async def _plan_and_submit(self, inventory: Inventory) -> None:
+        """Decide each entry as its source answers; hand imports their turns meanwhile."""
+        manifest = self._manifest
+        own = {entry_tag(manifest.set, e.name, e.region) for e in manifest.entries}
+        orphans = inventory.orphans(own)
         self.orphans = {
             image.id: OrphanResult(image.id, image.name, entry_tag_of(image), image.status)
-            for image in plan.orphans
+            for image in orphans
         }
+        groups = Groups(manifest.set, inventory.groups_in_use())
+        queue = self._queue = LargestFirst[EntryLifecycle](
+            self._clock, expected=len(manifest.entries), by_size=self._size_order
+        )
+        now = isoformat(self._clock.wall())
+        decided: list[PlannedImport] = []
+        turns = self._turns
+        async with anyio.create_task_group() as images:
+            if self._prune and orphans:
+                images.start_soon(self._prune_orphans, orphans)
+
+            def found(index: int, facts: SourceFacts) -> None:
+                entry = self._by_index[index]
+                item = plan_entry(
+                    manifest.set, entry, facts, inventory=inventory, journal=self._journal, now=now
+                )
+                if not item.decision.imports and not item.group:
+                    item = replace(item, group=groups.first)
+                decided.append(item)
+                self._known[item.tag] = {image.id: image for image in inventory.entry(item.tag)}
+                lifecycle = EntryLifecycle(
+                    item, self._journal, self._clock, self._log, observer=self._entry_changed
+                )
+                self._entries[index] = lifecycle
+                self._start(lifecycle, queue, images)
+
+            async def learn_sources() -> None:
+                try:
+                    if self._sources is None:
+                        for entry in manifest.entries:
+                            found(entry.index, KnownSource(None, fallback_version(entry)))
+                    else:
+                        await self._sources(manifest.entries, found)
+                finally:
+                    queue.close()
+                self._planned(decided, orphans)
+
+            images.start_soon(learn_sources)
+            while True:
+                await turns.acquire()
+                lifecycle = await queue.next()
+                if lifecycle is None:
+                    turns.release()
+                    break
+                if not lifecycle.item.group:
+                    lifecycle.assign_group(groups.next())
+                images.start_soon(self._import_one, lifecycle, Turn(turns))
+
+    def _start(
+        self,
+        entry: EntryLifecycle,
+        queue: LargestFirst[EntryLifecycle],
+        images: anyio.abc.TaskGroup,
+    ) -> None:
+        """What an entry needs once decided: a turn to submit, a task, or nothing more."""
+        item = entry.item
+        decision = item.decision
+        if decision.imports:
+            queue.add(entry, item.size, rank=item.index)
+            return
+        queue.expect_fewer()
+        if decision.action is Action.ERROR:
+            entry.source_failed(decision.error or "the source could not be read")
+        elif self._nothing_to_do(item):
+            # Most of a nightly run: settled here, without a task.
+            assert decision.image is not None
+            entry.unchanged(decision.image)
+            entry.available(decision.image)
+            self._known.pop(entry.tag, None)
+        else:
+            # Watching or rotating needs no turn to submit.
+            images.start_soon(self._import_one, entry, Turn())
+
+    def _planned(self, decided: Sequence[PlannedImport], orphans: Sequence[Image]) -> None:
+        """Every source answered: the plan is complete (imports have been under way)."""
+        manifest = self._manifest
+        imports = sorted(
+            (item for item in decided if item.decision.imports),
+            key=lambda item: (item.size is not None, -(item.size or 0), item.index),
+        )
+        others = sorted((item for item in decided if not item.decision.imports), key=_index)
+        plan = RunPlan(
+            manifest.set,
+            set_tag(manifest.set),
+            (*imports, *others),
+            orphans=tuple(orphans),
+            prune=self._prune,
+        )
+        self.plan = plan
         self._log_plan(plan)
         if self._on_plan is not None:
             self._on_plan(plan)
-        return plan
 
     def _log_plan(self, plan: RunPlan) -> None:
         counts = plan.counts()
@@ -308,33 +411,6 @@ class Importer:
             self._log.warning("plan.orphan", image_id=image.id, name=image.name, delete=plan.prune)
 
     # -- executing ------------------------------------------------------------------
-
-    async def _execute(self, plan: RunPlan) -> None:
-        # An image's task starts when its turn to submit comes: thousands of
-        # tasks queued inside the client would cost memory and nothing else.
-        turns = anyio.Semaphore(self._settings.concurrency)
-        async with anyio.create_task_group() as images:
-            if self._prune and plan.orphans:
-                images.start_soon(self._prune_orphans, plan.orphans)
-            waiting: list[EntryLifecycle] = []
-            for item in plan.items:
-                entry = self._entries[item.index]
-                decision = item.decision
-                if decision.action is Action.ERROR:
-                    entry.source_failed(decision.error or "the source could not be read")
-                elif decision.imports:
-                    waiting.append(entry)
-                elif self._nothing_to_do(item):
-                    # Most of a nightly run: settled here, without a task.
-                    assert decision.image is not None
-                    entry.unchanged(decision.image)
-                    entry.available(decision.image)
-                else:
-                    # Watching or rotating needs no turn to submit.
-                    images.start_soon(self._import_one, entry, Turn())
-            for entry in waiting:
-                await turns.acquire()
-                images.start_soon(self._import_one, entry, Turn(turns))
 
     @staticmethod
     def _nothing_to_do(item: PlannedImport) -> bool:
@@ -354,6 +430,10 @@ class Importer:
             await self._import(entry)
         finally:
             entry.close()
+            if entry.done:
+                # What the account showed of the entry served its decisions; a large
+                # run must not keep every image's last answer to the end.
+                self._known.pop(entry.tag, None)
 
     async def _import(self, entry: EntryLifecycle) -> None:
         decision: Decision | None = entry.item.decision
@@ -784,32 +864,33 @@ class Importer:
 
     def results(self) -> tuple[ImageResult, ...]:
         """One result per entry, in manifest order."""
-        if not self._entries:  # stopped before the plan was made
-            return tuple(
-                ImageResult(
-                    index=entry.index,
-                    name=entry.name,
-                    region=entry.region,
-                    tag=entry_tag(self._manifest.set, entry.name, entry.region),
-                    outcome=Outcome.NOT_SUBMITTED,
-                )
-                for entry in self._manifest.entries
-            )
-        return tuple(self._entries[index].result for index in sorted(self._entries))
+        return tuple(self._result(entry, interim=False) for entry in self._manifest.entries)
 
     def interim_results(self) -> tuple[ImageResult, ...]:
         """:meth:`results` while the run goes on: an image being imported is ``pending``."""
-        if not self._entries:
-            return self.results()
-        return tuple(_interim(self._entries[index]) for index in sorted(self._entries))
+        return tuple(self._result(entry, interim=True) for entry in self._manifest.entries)
 
     def changed_results(self) -> tuple[ImageResult, ...]:
         """The interim results of the entries that changed since the last call."""
         changed, self._changed = sorted(self._changed), set()
-        if not self._entries:  # before the plan: what results() says of each
-            before = {result.index: result for result in self.results()}
-            return tuple(before[index] for index in changed if index in before)
-        return tuple(_interim(self._entries[index]) for index in changed if index in self._entries)
+        return tuple(self._result(self._by_index[index], interim=True) for index in changed)
+
+    def _result(self, entry: Entry, *, interim: bool) -> ImageResult:
+        lifecycle = self._entries.get(entry.index)
+        if lifecycle is not None:
+            return _interim(lifecycle) if interim else lifecycle.result
+        # Not decided: the run stopped before the account or the entry's source answered.
+        return ImageResult(
+            index=entry.index,
+            name=entry.name,
+            region=entry.region,
+            tag=entry_tag(self._manifest.set, entry.name, entry.region),
+            outcome=Outcome.NOT_SUBMITTED,
+        )
+
+
+def _index(item: PlannedImport) -> int:
+    return item.index
 
 
 def _polled(
@@ -919,11 +1000,16 @@ async def run_import(
                 journal,
                 clock,
                 settings,
-                sources=source_reader(prober, sizer, size_order=size_order),
+                sources=source_reader(prober, sizer),
                 prune=prune,
                 on_plan=on_plan,
+                size_order=size_order,
                 transfers=transfers,
             )
+            # The poller knows what its status checks will need; creates get the rest,
+            # and it checks less often when checks would cost creates an hour.
+            governor.use_forecast(poller)
+            poller.pace_with(governor, importer.creates_left)
 
             def report(images: tuple[ImageResult, ...], stopped: str | None) -> Report:
                 return Report(
@@ -1019,32 +1105,26 @@ async def _checkpoints(importer: Importer, clock: Clock, checkpoint: Callable[[]
         checkpoint()
 
 
-def source_reader(
-    prober: SourceProber | None, sizer: HeadSizer | None, *, size_order: bool = True
-) -> SourcesFn | None:
-    """How a run learns its sources: probed (size and version), sized only, or not at all."""
+def source_reader(prober: SourceProber | None, sizer: HeadSizer | None) -> SourcesFn | None:
+    """How a run learns its sources: probed (size and version) as each answers, sized
+    only (all at once), or not at all (``None``: checksums and URLs are the versions)."""
     if prober is not None:
         probe = prober
 
-        async def probed(entries: Sequence[Entry]) -> Mapping[int, SourceFacts]:
-            infos = await probe.probe_all(entries)
-            if size_order:
-                return infos
-            return {
-                index: KnownSource(None, info.version, info.error) for index, info in infos.items()
-            }
+        async def probed(entries: Sequence[Entry], found: Found) -> None:
+            async with probe.stream(entries) as infos:
+                async for info in infos:
+                    found(info.index, info)
 
         return probed
     if sizer is None:
         return None
     known = sizer
 
-    async def sized(entries: Sequence[Entry]) -> Mapping[int, SourceFacts]:
+    async def sized(entries: Sequence[Entry], found: Found) -> None:
         sizes = await known.sizes(entries)
-        return {
-            entry.index: KnownSource(sizes.get(entry.index), fallback_version(entry))
-            for entry in entries
-        }
+        for entry in entries:
+            found(entry.index, KnownSource(sizes.get(entry.index), fallback_version(entry)))
 
     return sized
 

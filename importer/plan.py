@@ -19,6 +19,7 @@ longest ones first keeps the last image from starting last.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
@@ -82,7 +83,7 @@ def fallback_version(entry: Entry) -> Version:
     return Version.from_url(entry.url)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PlannedImport:
     """One manifest entry, its action and what the create carries."""
 
@@ -307,7 +308,7 @@ class SourceFacts(Protocol):
     def error(self) -> str | None: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KnownSource:
     """A source known without asking its host (sizes alone, a checksum, the URL)."""
 
@@ -333,57 +334,74 @@ def make_plan(
     image in predicted rotations.
     """
     sizes = dict(sizes or {})
-    the_set = set_tag(manifest.set)
     planned: list[PlannedImport] = []
     for entry in manifest.entries:
         facts = (sources or {}).get(entry.index)
         if facts is None:
             facts = KnownSource(sizes.get(entry.index), fallback_version(entry))
-        tag = entry_tag(manifest.set, entry.name, entry.region)
-        images = inventory.entry(tag) if inventory is not None else ()
-        row = journal.get(tag) if journal is not None else None
-        version = facts.version
-        assumed = None
-        if version is None and facts.error is not None and entry.checksums_url is None:
-            # Only the importer failed to reach the host (DigitalOcean fetches the file
-            # itself, perhaps from another network): an unknown version is no change.
-            # The entry goes on with the version its newest live image holds (watched
-            # if still importing, kept if available); with none, the URL is the version,
-            # the last resort of the order the sources follow.
-            assumed = _newest_version_tag(images, row)
-            if assumed is None:
-                version = Version.from_url(entry.url)
-        vtag = version_tag(version) if version is not None else assumed
-        decision = decide(
-            name=entry.name, version_tag=vtag, source_error=facts.error, images=images, row=row
-        )
-        item = PlannedImport(
-            entry=entry,
-            tag=tag,
-            group="",
-            size=facts.size if facts.size is not None else sizes.get(entry.index),
-            set_tag=the_set,
-            version=version,
-            decision=decision,
-            source_error=facts.error,
-            assumed_version_tag=assumed,
-        )
-        # An import gets a group of this run's (see _ordered); a lost create's image
-        # and an image being watched keep the group they carry.
-        group = None
-        if decision.image is not None:
-            group = group_tag_of(decision.image)
-        elif row is not None and (decision.reconcile or decision.action is Action.WATCH):
-            group = row.group
-        planned.append(
-            replace(
-                item,
-                group=group or "",
-                rotation=_predicted(item, images, vtag, now),
-                transfers=_transfers(entry, decision),
-            )
-        )
+        item = plan_entry(manifest.set, entry, facts, inventory=inventory, journal=journal, now=now)
+        if item.size is None and sizes.get(entry.index) is not None:
+            item = replace(item, size=sizes[entry.index])
+        planned.append(item)
     return _ordered(manifest, planned, inventory.groups_in_use() if inventory else frozenset())
+
+
+def plan_entry(
+    set_name: str,
+    entry: Entry,
+    facts: SourceFacts,
+    *,
+    inventory: Inventory | None = None,
+    journal: Journal | None = None,
+    now: str | None = None,
+) -> PlannedImport:
+    """One entry decided from its source, the account and its journal row.
+
+    An import's group is left empty (``""``): it is the run's to give, in the order of
+    submission (:class:`Groups`). An image being watched, or a lost create's, keeps the
+    group it carries.
+    """
+    the_set = set_tag(set_name)
+    tag = entry_tag(set_name, entry.name, entry.region)
+    images = inventory.entry(tag) if inventory is not None else ()
+    row = journal.get(tag) if journal is not None else None
+    version = facts.version
+    assumed = None
+    if version is None and facts.error is not None and entry.checksums_url is None:
+        # Only the importer failed to reach the host (DigitalOcean fetches the file
+        # itself, perhaps from another network): an unknown version is no change.
+        # The entry goes on with the version its newest live image holds (watched
+        # if still importing, kept if available); with none, the URL is the version,
+        # the last resort of the order the sources follow.
+        assumed = _newest_version_tag(images, row)
+        if assumed is None:
+            version = Version.from_url(entry.url)
+    vtag = version_tag(version) if version is not None else assumed
+    decision = decide(
+        name=entry.name, version_tag=vtag, source_error=facts.error, images=images, row=row
+    )
+    item = PlannedImport(
+        entry=entry,
+        tag=tag,
+        group="",
+        size=facts.size,
+        set_tag=the_set,
+        version=version,
+        decision=decision,
+        source_error=facts.error,
+        assumed_version_tag=assumed,
+    )
+    group = None
+    if decision.image is not None:
+        group = group_tag_of(decision.image)
+    elif row is not None and (decision.reconcile or decision.action is Action.WATCH):
+        group = row.group
+    return replace(
+        item,
+        group=group or "",
+        rotation=_predicted(item, images, vtag, now),
+        transfers=_transfers(entry, decision),
+    )
 
 
 def _transfers(entry: Entry, decision: Decision) -> tuple[str, ...]:
@@ -409,6 +427,25 @@ def _newest_version_tag(images: Sequence[Image], row: EntryState | None) -> str 
     if row is not None and row.image_id is not None and row.outcome != "failed":
         return row.version
     return None
+
+
+class Groups:
+    """This run's group tags, in the order of submission: a new one every ``GROUP_SIZE``
+    imports, numbered from the lowest numbers no live image of the set carries."""
+
+    def __init__(self, set_name: str, taken: Collection[str]) -> None:
+        prefix = group_prefix(set_name)
+        self._free = (f"{prefix}{n}" for n in itertools.count() if f"{prefix}{n}" not in taken)
+        self.first = next(self._free)
+        self._current = self.first
+        self._given = 0
+
+    def next(self) -> str:
+        """The group of the next import."""
+        if self._given and self._given % GROUP_SIZE == 0:
+            self._current = next(self._free)
+        self._given += 1
+        return self._current
 
 
 def _predicted(
@@ -440,15 +477,7 @@ def _ordered(
     others = [item for item in planned if not item.decision.imports]
     # Stable sort: equal keys keep manifest order.
     imports.sort(key=lambda item: (item.size is not None, -(item.size or 0)))
-    prefix = group_prefix(manifest.set)
-    free = (
-        f"{prefix}{n}" for n in range(len(taken) + len(imports) + 1) if f"{prefix}{n}" not in taken
-    )
-    groups: list[str] = []
-    for position, item in enumerate(imports):
-        if position % GROUP_SIZE == 0:
-            groups.append(next(free))
-        imports[position] = replace(item, group=item.group or groups[-1])
-    fallback = groups[0] if groups else f"{prefix}0"
-    others = [replace(item, group=item.group or fallback) for item in others]
+    groups = Groups(manifest.set, taken)
+    imports = [replace(item, group=item.group or groups.next()) for item in imports]
+    others = [replace(item, group=item.group or groups.first) for item in others]
     return (*imports, *others)

@@ -27,6 +27,14 @@ quickest plausible import of its size would be done, then every
 ``poll_interval``. Before it has learned anything, it checks after
 ``first_poll`` and then at growing intervals. Every schedule has +/-10% jitter,
 so groups do not poll in lockstep.
+
+Knowing its schedule, the poller also forecasts what its status checks will need
+(:meth:`StatusPoller.demand`, a :class:`~importer.forecast.StatusForecast`): each
+group in flight is listed once per interval from its next listing until its last
+member should be done (by the slowest import seen so far, for its size), plus one
+request per group for asking by id, plus one more group's worth for images about to
+be submitted. The governor keeps that much of the hour for status checks, and at
+least one listing per interval whatever the forecast says.
 """
 
 from __future__ import annotations
@@ -38,11 +46,13 @@ import random
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import anyio
 import structlog
 
 from importer.api import Image
+from importer.catalog import PER_PAGE_MAX
 from importer.client import ImagesClient
 from importer.clock import Clock
 from importer.errors import (
@@ -52,6 +62,7 @@ from importer.errors import (
     RejectedError,
     TransientApiError,
 )
+from importer.forecast import Demand
 from importer.governor import Priority
 
 #: Images asked for by id per group and listing, when unlisted may mean importing:
@@ -110,6 +121,33 @@ class ListingLag:
         return min(default, self.FACTOR * self._longest)
 
 
+#: How far ahead a forecast looks: the longest a request counts in DigitalOcean's window.
+FORECAST_HORIZON = 2 * 3600.0
+#: The interval is stretched to at most this many times ``poll_interval``...
+MAX_STRETCH = 2.0
+#: ...even when that falls short of the budget by up to this factor (a forecast errs)...
+HOPELESS = 1.5
+#: ...counting per group, besides one listing per interval of its life, this many.
+LISTINGS_PER_GROUP = 1.5
+#: The budget assumes imports differ by at least this much from the fit, either way:
+#: the first to finish are the quickest, and alone they would promise short lives to
+#: every group; a forecast short of the truth costs an hour, one beyond it some lag.
+PRIOR_SPREAD = 0.25
+#: ...and chosen again this often (seconds).
+RETUNE_EVERY = 60.0
+#: Finished groups whose lives the budget counts on, once this many (of the latest kept).
+MIN_LIVES = 3
+LIVES_KEPT = 50
+
+
+class StatusBudget(Protocol):
+    """How many status requests fit beside the creates still to send (the governor)."""
+
+    def spare(self, creates: int) -> float:
+        """Requests that may go besides ``creates`` creates without delaying the last by long."""
+        ...
+
+
 class DurationModel:
     """Import duration as ``a + b * size``, fitted to the imports seen finishing.
 
@@ -125,7 +163,7 @@ class DurationModel:
         self._n = 0
         self._sx = self._sy = self._sxx = self._sxy = 0.0
         self._samples: deque[tuple[float, float]] = deque(maxlen=window)
-        self._quantiles: tuple[float, float] | None = None
+        self._quantiles: tuple[float, float, float] | None = None
 
     def observe(self, size: int | None, duration: float) -> None:
         x = (size or 0) / GIB
@@ -137,6 +175,20 @@ class DurationModel:
         self._samples.append((x, duration))
         self._quantiles = None
 
+    def fit(self, size: int | None) -> float:
+        """The fitted duration of an import of ``size`` bytes (once :attr:`ready`)."""
+        return self._fit((size or 0) / GIB)
+
+    @property
+    def slowest_ratio(self) -> float:
+        """The longest import seen, relative to the fit for its size."""
+        return self._spread()[2]
+
+    @property
+    def samples(self) -> int:
+        """Imports seen finishing."""
+        return self._n
+
     def _fit(self, x: float) -> float:
         mean_x, mean_y = self._sx / self._n, self._sy / self._n
         variance = self._sxx / self._n - mean_x * mean_x
@@ -146,12 +198,12 @@ class DurationModel:
         intercept = max(0.0, mean_y - slope * mean_x)
         return max(1e-3, intercept + slope * x)
 
-    def _spread(self) -> tuple[float, float]:
+    def _spread(self) -> tuple[float, float, float]:
         if self._quantiles is None:
             ratios = sorted(y / self._fit(x) for x, y in self._samples)
             low = ratios[int(0.10 * (len(ratios) - 1))]
             high = ratios[math.ceil(0.95 * (len(ratios) - 1))]
-            self._quantiles = (low, high)
+            self._quantiles = (low, high, ratios[-1])
         return self._quantiles
 
     @property
@@ -186,6 +238,39 @@ class _Watch:
     done: anyio.Event = field(default_factory=anyio.Event)
 
 
+@dataclass(eq=False)
+class _Group:
+    """One group with images in flight: its members, and what the forecast needs of it."""
+
+    #: The images being waited for, by id, in the order they were submitted.
+    members: dict[int, _Watch] = field(default_factory=dict)
+    first_submitted: float = math.inf
+    last_submitted: float = -math.inf
+    smallest: int | None = None
+    largest: int | None = None
+    #: When the group is listed next, once it has been listed.
+    next_listing: float | None = None
+    #: When a listing of it first showed a finished import...
+    first_found: float | None = None
+    #: ...the listings since, and the poll intervals they were made at, summed.
+    listings: int = 0
+    intervals: float = 0.0
+
+    def add(self, watch: _Watch) -> None:
+        self.members[watch.image_id] = watch
+        self.first_submitted = min(self.first_submitted, watch.submitted)
+        self.last_submitted = max(self.last_submitted, watch.submitted)
+        size = watch.size or 0
+        self.smallest = size if self.smallest is None else min(self.smallest, size)
+        self.largest = size if self.largest is None else max(self.largest, size)
+
+    def unfinished(self) -> list[_Watch]:
+        return [watch for watch in self.members.values() if not watch.done.is_set()]
+
+    def oldest_unfinished(self) -> _Watch | None:
+        return next((w for w in self.members.values() if not w.done.is_set()), None)
+
+
 class StatusPoller:
     """Waits for images to finish, listing groups and asking by id only when needed."""
 
@@ -203,12 +288,24 @@ class StatusPoller:
         self._clock = clock
         self._first_poll = first_poll
         self._interval = poll_interval
+        # The interval when the budget allows; stretched when status checks would cost
+        # creates a whole hour (see pace_with).
+        self._fastest = poll_interval
+        self._budget: StatusBudget | None = None
+        self._creates_left: Callable[[], int] | None = None
+        self._retuned_at = -math.inf
+        # When the last group listing before the model was ready went.
+        self._learning_turn = -math.inf
         # Every image is asked for by id once before its timeout, so that a failure
         # is reported as one (with its message), never as a timeout.
         self._last_call = 0.8 * image_timeout
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._log = structlog.get_logger("importer.poller")
         self._watches: dict[int, _Watch] = {}
+        self._groups: dict[str, _Group] = {}
+        # How long finished groups needed listing, relative to the fitted import of their
+        # largest file: what the budget counts on for the groups to come.
+        self._lives: deque[float] = deque(maxlen=LIVES_KEPT)
         self._queue: list[tuple[float, int, int]] = []  # (due, sequence, image id)
         self._sequence = itertools.count()
         self._changed = anyio.Event()
@@ -265,15 +362,140 @@ class StatusPoller:
             last_unfinished=submitted if fresh else None,
         )
         self._watches[image_id] = watch
+        members = self._groups.setdefault(group, _Group())
+        members.add(watch)
         self._schedule(watch, self._first_check(watch, now))
         try:
             await watch.done.wait()
         finally:
             self._watches.pop(image_id, None)
+            members.members.pop(image_id, None)
+            if not members.members and self._groups.get(group) is members:
+                del self._groups[group]
+                self._group_done(members)
         if isinstance(watch.result, BaseException):
             raise watch.result
         assert watch.result is not None
         return watch.result
+
+    # -- the budget -------------------------------------------------------------------
+
+    @property
+    def interval(self) -> float:
+        """Seconds between listings of a group whose images are due, as now chosen."""
+        return self._interval
+
+    def pace_with(self, budget: StatusBudget, creates_left: Callable[[], int]) -> None:
+        """Poll at ``poll_interval`` unless that would cost creates an hour (set once).
+
+        ``creates_left`` says how many creates the run still has to send. When the
+        status checks forecast for the rest of the run would not fit in what
+        ``budget`` says the hour leaves beside those creates (the rest of the hour
+        after a run needing 4,300 creates is some 200 requests), the interval is
+        stretched, up to ``MAX_STRETCH`` times, until they fit; if nothing fits, the
+        creates wait for the next hour anyway, and the interval stays short.
+        """
+        self._budget = budget
+        self._creates_left = creates_left
+
+    def _retune(self, now: float) -> None:
+        if self._budget is None or not self.model.ready or now - self._retuned_at < RETUNE_EVERY:
+            return
+        self._retuned_at = now
+        creates = self._creates_left() if self._creates_left is not None else 0
+        fastest = self._fastest
+        slowest = MAX_STRETCH * fastest
+        interval = fastest
+        if creates > 0:
+            spare = self._budget.spare(creates)
+            # Listings left: `fixed` plus `spread` seconds of groups' lives over the interval.
+            fixed, spread = self._listings_left(now, creates)
+            if fixed + spread / fastest > spare:
+                # Stretched as far as needed. When even the longest interval is short of
+                # the budget, the creates may wait for the next hour whatever is done:
+                # unless they miss it by little (the forecast errs), the interval stays.
+                fits = fixed + spread / slowest <= spare * HOPELESS
+                interval = min(slowest, spread / max(spare - fixed, 1e-9)) if fits else fastest
+        if interval != self._interval:
+            self._log.info("poll.interval", seconds=round(interval, 1), creates_left=creates)
+            self._interval = interval
+
+    def _group_done(self, stats: _Group) -> None:
+        """A group has no image left to wait for: note how many listings it needed from
+        the one that first found an import finished (those before are few, and before
+        imports are learned, no measure of a group), times the interval they were made
+        at, relative to the fitted import of its largest file."""
+        if not self.model.ready or not stats.listings:
+            return
+        self._lives.append(stats.intervals / self.model.fit(stats.largest))
+
+    def _listings_left(self, now: float, creates: int) -> tuple[float, float]:
+        """Listings the run still needs, as ``fixed + spread / interval``.
+
+        Per group, a listing or two and one per interval of its life: as many as finished
+        groups needed (on average, relative to their imports' length and scaled by the
+        interval), once a few have finished; until then, the life from the duration
+        model and ``PRIOR_SPREAD``.
+        """
+        measured = len(self._lives) >= MIN_LIVES
+        ratio = tail = 0.0
+        if measured:
+            ratio = sum(self._lives) / len(self._lives)
+        else:
+            tail = self._tail_ratio(now)
+        fixed = spread = 0.0
+        smallest: int | None = None
+        submitting = 0.0
+        for stats in self._groups.values():
+            if measured:
+                life = ratio * self.model.fit(stats.largest)
+                if stats.first_found is None:
+                    fixed += LISTINGS_PER_GROUP
+                spread += max(0.0, life - stats.intervals)
+            else:
+                fixed += LISTINGS_PER_GROUP
+                start, end = self._group_span(stats, now, tail)
+                spread += end - start
+            submitting = max(submitting, stats.last_submitted - stats.first_submitted)
+            if stats.smallest is not None:
+                smallest = stats.smallest if smallest is None else min(smallest, stats.smallest)
+        # Groups to come hold files no larger than those in flight (largest first).
+        groups = math.ceil(creates / PER_PAGE_MAX)
+        model = self.model
+        if measured:
+            life = ratio * model.fit(smallest)
+        else:
+            life = model.fit(smallest) * tail - self._early(smallest) + submitting
+        return fixed + LISTINGS_PER_GROUP * groups, spread + groups * max(0.0, life)
+
+    def _tail_ratio(self, now: float) -> float:
+        """How slow, relative to the fit, the slowest imports of this run are.
+
+        The slowest seen finishing, or, if slower, the oldest still importing: early
+        in a run only the quickest have finished, and they alone would promise short
+        lives. Capped where an image missing that long is asked for by id.
+        """
+        model = self.model
+        ratio = model.slowest_ratio
+        ratio = max(ratio, 1 + PRIOR_SPREAD)
+        for stats in self._groups.values():
+            oldest = stats.oldest_unfinished()
+            if oldest is not None and oldest.last_unfinished is not None:
+                ratio = max(ratio, (now - oldest.submitted) / model.fit(oldest.size))
+        return min(ratio, 2 * max(model.slowest_ratio, 1 + PRIOR_SPREAD))
+
+    def _early(self, size: int | None) -> float:
+        """When the quickest import of ``size`` may be done, for planning (see ``PRIOR_SPREAD``)."""
+        early = self.model.early(size)
+        return min(early, self.model.fit(size) * (1 - PRIOR_SPREAD))
+
+    def _group_span(self, stats: _Group, now: float, tail: float) -> tuple[float, float]:
+        """When a group (the model being ready) is listed first and last from ``now`` on."""
+        first = stats.first_submitted + self._early(stats.smallest)
+        last = stats.last_submitted + self.model.fit(stats.largest) * tail + self._interval
+        start = max(now, stats.next_listing if stats.next_listing is not None else first)
+        # A group overdue is listed on: at least once more after the next listing.
+        return start, max(last, start + self._interval)
 
     def expected_end(self) -> float | None:
         """When the last image being watched should finish (monotonic), once durations are known.
@@ -296,7 +518,10 @@ class StatusPoller:
     async def run(self) -> None:
         """Check due images forever (the pipeline cancels this when the run ends)."""
         while True:
+            self._retune(self._clock.monotonic())
             due = self._pop_due()
+            if due and not self.model.samples:
+                due = self._before_learning(due)
             if not due:
                 await self._sleep_until_next()
                 continue
@@ -311,7 +536,10 @@ class StatusPoller:
             # A listing speaks of every member of its group, due or not; a failed one
             # of none (its members are checked again later, not asked one by one).
             members = [
-                w for w in self._watches.values() if w.group in listed and not w.done.is_set()
+                watch
+                for group in sorted(listed)
+                if group in self._groups
+                for watch in self._groups[group].unfinished()
             ]
             asked: Counter[str] = Counter()
             sizes = Counter(watch.group for watch in members)
@@ -333,6 +561,40 @@ class StatusPoller:
                     if watch.image_id in due_ids and not watch.done.is_set():
                         # Never before its group's next listing (set by the check above).
                         self._schedule(watch, max(self._next_check(watch, now), watch.due))
+
+    def _before_learning(self, due: list[_Watch]) -> list[_Watch]:
+        """Until an import is seen to finish, one group listing per interval in all.
+
+        Nothing is known of how long imports take, and minutes may pass before the
+        first finishes: listing every group at every check would spend a request per
+        group and interval to learn nothing. Groups take turns, the one due the longest
+        first; the others wait for the next turn. Once one import is seen
+        finished, others may have too: every group is checked at once (:meth:`_saw`).
+        """
+        if len(self._groups) <= 1:
+            return due  # one group: its own schedule already lists it once per interval
+        now = self._clock.monotonic()
+        turn = self._learning_turn + self._interval
+        chosen = None if now < turn else min(due, key=self._waiting_longest).group
+        kept = [watch for watch in due if watch.group == chosen]
+        if chosen is not None:
+            self._learning_turn = now
+            turn = now + self._interval
+        for watch in due:
+            if watch.group != chosen:
+                self._set_due(watch, max(turn, watch.due))
+        return kept
+
+    def _waiting_longest(self, watch: _Watch) -> tuple[float, float]:
+        """Since when a group has been due: since its next listing came due, or for one
+        never listed, since its first check came due."""
+        stats = self._groups.get(watch.group)
+        if stats is None:
+            return (watch.due, watch.submitted)
+        due = stats.next_listing
+        if due is None:
+            due = stats.first_submitted + self._first_poll
+        return (due, watch.submitted)
 
     async def _sleep_until_next(self) -> None:
         self._changed = anyio.Event()
@@ -362,7 +624,7 @@ class StatusPoller:
             return
         except ApiError as exc:
             # A 401 or an unreachable API: each image task receives it and ends the run.
-            for member in [w for w in self._watches.values() if w.group == group]:
+            for member in self._members(group):
                 self._resolve(member, exc)
             return
         listed.add(group)
@@ -375,19 +637,32 @@ class StatusPoller:
         if self.on_listed is not None:
             self.on_listed(images)
         now = self._clock.monotonic()
+        stats = self._groups.get(group)
         for image in images:
             watch = self._watches.get(image.id)
             if watch is not None and not watch.done.is_set():
                 watch.listed_at = now
                 self._saw(watch, image, now)
+                if stats is not None and stats.first_found is None and watch.done.is_set():
+                    stats.first_found = now
+        if stats is not None and stats.first_found is not None:
+            stats.listings += 1
+            stats.intervals += self._interval
         # This listing checked the whole group: none of it is due again before the
         # next interval, so a group is listed at most once per interval.
         next_listing = now + self._interval * self._rng.uniform(0.9, 1.1)
-        for member in self._watches.values():
-            if member.group == group and not member.done.is_set() and member.due < next_listing:
+        stats = self._groups.get(group)
+        if stats is not None:
+            stats.next_listing = next_listing
+        for member in self._members(group):
+            if member.due < next_listing:
                 # Listed importing, or not listed and so not available: unfinished now.
                 member.last_unfinished = now
                 self._set_due(member, next_listing)
+
+    def _members(self, group: str) -> list[_Watch]:
+        stats = self._groups.get(group)
+        return stats.unfinished() if stats is not None else []
 
     def learn(self, images: Sequence[Image]) -> None:
         """Learn from a listing just answered, whoever asked for it.
@@ -453,6 +728,68 @@ class StatusPoller:
         watch.next_direct = now + self._interval * 2 ** min(watch.directs, 6)
         self._schedule(watch, self._next_check(watch, self._clock.monotonic()))
 
+    # -- forecasting ------------------------------------------------------------------
+
+    def demand(self, now: float) -> Demand:
+        """The status requests this poller expects to send from ``now`` on.
+
+        Each group in flight: one listing at its next listing (or when its first
+        member should be done) and one per interval until its last member should
+        be done (by the slowest import seen, for the largest member's size), plus
+        one request for asking by id. Before any import was seen to finish, a
+        listing every two intervals for as long as the forecast looks. Plus one
+        more group, submitted now, for the creates on their way. Floor: one
+        request per interval, until two intervals after the last listing foreseen.
+        """
+        interval = self._interval
+        # (time, step, change of slope), summed below into one curve.
+        events: list[tuple[float, float, float]] = []
+        smallest: int | None = None
+        largest: int | None = None
+        tail = self._tail_ratio(now) if self.model.ready else 0.0
+        for stats in self._groups.values():
+            self._forecast_group(stats, now, tail, events)
+            if stats.smallest is not None:
+                smallest = stats.smallest if smallest is None else min(smallest, stats.smallest)
+            if stats.largest is not None:
+                largest = stats.largest if largest is None else max(largest, stats.largest)
+        if self._creates_left is None or self._creates_left() > 0:
+            coming = _Group(
+                first_submitted=now, last_submitted=now, smallest=smallest, largest=largest
+            )
+            self._forecast_group(coming, now, tail, events)
+        events.sort()
+        corners: list[tuple[float, float]] = [(now, 0.0)]
+        count = slope = 0.0
+        previous = now
+        for when, step, change in events:
+            count += slope * (when - previous)
+            previous = when
+            if step:
+                corners.append((when, count))
+                count += step
+            corners.append((when, count))
+            slope += change
+        # The floor lasts as long as the listings foreseen, and two intervals more.
+        until = max((when for when, _, _ in events), default=now) + 2 * interval
+        return Demand.of(now, corners, floor_interval=interval, floor_until=until)
+
+    def _forecast_group(
+        self, stats: _Group, now: float, tail: float, events: list[tuple[float, float, float]]
+    ) -> None:
+        if self.model.ready:
+            start, end = self._group_span(stats, now, tail)
+            pace = self._interval
+        else:
+            first = stats.first_submitted + self._first_poll
+            start = max(now, stats.next_listing if stats.next_listing is not None else first)
+            end = now + FORECAST_HORIZON
+            pace = 2 * self._interval
+        # Listings at start, start + pace, ... until end: 1 + (end - start) // pace of
+        # them, counted as a half at start and the rest evenly, on average as many.
+        events.append((start, 0.5, 1 / pace))
+        events.append((end, 0.0, -1 / pace))
+
     # -- deciding ---------------------------------------------------------------------
 
     def _saw(self, watch: _Watch, image: Image, now: float) -> None:
@@ -462,10 +799,22 @@ class StatusPoller:
             if image.is_available and watch.last_unfinished is not None:
                 # It finished between the last check that saw it unfinished and now.
                 finished = (watch.last_unfinished + now) / 2
+                learning = not self.model.ready
+                first = not self.model.samples
                 self.model.observe(watch.size, finished - watch.submitted)
+                if first or (learning and self.model.ready):
+                    self._reschedule_all(now)
             self._resolve(watch, image)
         else:
             watch.last_unfinished = now
+
+    def _reschedule_all(self, now: float) -> None:
+        """Imports were seen to finish: check each image when it may be done (at once,
+        until enough have finished to tell how long they take)."""
+        self._log.info("poll.learned", samples=self.model.samples, ready=self.model.ready)
+        for watch in self._watches.values():
+            if not watch.done.is_set():
+                self._schedule(watch, self._first_check(watch, now) if self.model.ready else now)
 
     def _resolve(self, watch: _Watch, result: Image | BaseException) -> None:
         if not watch.done.is_set():

@@ -47,7 +47,7 @@ class Outcome(StrEnum):
         return self is Outcome.AVAILABLE
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Renamed:
     """One image renamed by rotation."""
 
@@ -59,7 +59,7 @@ class Renamed:
         return {"image_id": self.image_id, "from": self.old, "to": self.new}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageResult:
     """The line of the report for one manifest entry."""
 

@@ -111,8 +111,10 @@ class Settings:
     #: take), an image is first checked this long after its submission.
     first_poll: float = 60.0
     #: Between checks of an image that is due: at most this long between an
-    #: image becoming available and the importer knowing it.
-    poll_interval: float = 40.0
+    #: image becoming available and the importer knowing it, while the budget allows
+    #: (the poller stretches it, up to twice, when status checks would otherwise cost
+    #: the creates an hour).
+    poll_interval: float = 30.0
     #: Give up on an image this long after it was submitted.
     image_timeout: float = 3600.0
     #: One HTTP request, connect to last byte.

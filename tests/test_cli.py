@@ -261,10 +261,10 @@ def test_report_dash_writes_json_to_stdout(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_help_shows_the_real_poll_interval_default() -> None:
-    """`run --help` gives the poll interval's actual default, 40 s."""
+    """`run --help` gives the poll interval's actual default, 30 s."""
     _, out, _ = invoke("run", "--help")
     text = " ".join(out.split())
-    assert "Between status checks of one image [default: 40s;" in text
+    assert "Between status checks of one image [default: 30s;" in text
     assert "[default: 60s; 1s with --simulate]" in text
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import anyio
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from importer.api import RateLimit
 from importer.clock import LoopClock
+from importer.forecast import Demand, FixedForecast, StatusForecast
 from importer.governor import Governor, Priority, SlidingLog, Window
 from tests.fakes import FakeClock
 
@@ -59,7 +61,6 @@ async def test_governor_respects_both_windows_under_load() -> None:
         concurrency=16,
         windows=(Window(250, 60.0), Window(400, 3600.0)),
         margin=0.5,
-        status_share=0.0,
     )
     admitted: list[float] = []
 
@@ -163,9 +164,7 @@ async def test_a_burst_429_does_not_count_the_hour_as_spent_by_others() -> None:
 async def test_others_are_learned_from_successful_answers_only() -> None:
     """An error answer's remaining teaches nothing; a 2xx's does (here: 60 of 100 left)."""
     clock = FakeClock()
-    governor = Governor(
-        clock, concurrency=2, windows=(Window(100, 3600.0),), margin=0.0, status_share=0.0
-    )
+    governor = Governor(clock, concurrency=2, windows=(Window(100, 3600.0),), margin=0.0)
     governor.observe(404, RateLimit(limit=100, remaining=0, reset=None, retry_after=None))
     governor.observe(500, RateLimit(limit=100, remaining=0, reset=None, retry_after=None))
     start = clock.now
@@ -311,11 +310,16 @@ async def test_status_checks_go_before_queued_creates() -> None:
 
 
 @pytest.mark.anyio
-async def test_creates_leave_a_share_of_the_hour_for_status_checks() -> None:
-    """When creates have spent their part of the hour, status checks still get through."""
+async def test_creates_leave_what_status_checks_will_need_of_the_hour() -> None:
+    """Status checks forecast to need 10 of the hour's 100: creates stop at 90, and the 10
+    status checks get through at once."""
     clock = LoopClock()
     governor = Governor(
-        clock, concurrency=4, windows=(Window(100, 3600.0),), margin=0.0, status_share=0.1
+        clock,
+        concurrency=4,
+        windows=(Window(100, 3600.0),),
+        margin=0.0,
+        forecast=FixedForecast(10),
     )
     creates: list[float] = []
 
@@ -340,9 +344,7 @@ async def test_creates_leave_a_share_of_the_hour_for_status_checks() -> None:
 async def test_what_others_spend_comes_off_the_hour() -> None:
     """Headers showing 40 requests used by others leave 60 of 100 for us, until they expire."""
     clock = LoopClock()
-    governor = Governor(
-        clock, concurrency=2, windows=(Window(100, 3600.0),), margin=0.0, status_share=0.0
-    )
+    governor = Governor(clock, concurrency=2, windows=(Window(100, 3600.0),), margin=0.0)
     async with governor.slot():
         pass
     governor.observe(200, RateLimit(limit=100, remaining=59, reset=None, retry_after=None))
@@ -373,3 +375,166 @@ def test_concurrency_below_two_is_refused() -> None:
     """One slot is kept for status checks, so fewer than two make no sense."""
     with pytest.raises(ValueError, match="at least 2"):
         Governor(LoopClock(), concurrency=1, windows=(Window(10, 60.0),))
+
+
+class _Forecast:
+    """A forecast fixed in time: ``corners`` (absolute time, cumulative requests)."""
+
+    def __init__(self, *corners: tuple[float, float]) -> None:
+        self.corners = corners
+
+    def demand(self, now: float) -> Demand:
+        return Demand.of(-1e9, [(-1e9, 0.0), *self.corners])
+
+
+@pytest.mark.anyio
+async def test_creates_may_use_every_request_status_checks_will_not_need() -> None:
+    """Status checks forecast to need 2 of the hour's 200: 198 creates go at once (the old
+    5% kept 10, and let 190 through)."""
+    clock = LoopClock()
+    governor = Governor(
+        clock, concurrency=4, windows=(Window(200, 3600.0),), margin=0.0, forecast=FixedForecast(2)
+    )
+    creates: list[float] = []
+
+    async def create() -> None:
+        async with governor.slot(Priority.CREATE):
+            creates.append(clock.monotonic())
+
+    start = clock.monotonic()
+    async with anyio.create_task_group() as tg:
+        for _ in range(200):
+            tg.start_soon(create)
+        await anyio.sleep(60)
+        assert len(creates) == 198
+        assert max(creates) == start
+        tg.cancel_scope.cancel()
+
+
+async def _creates_at_3500(forecast: StatusForecast) -> int:
+    """In a 100-request hour whose first 90 went at 0 s, how many of 10 creates go at 3,500 s."""
+    clock = LoopClock()
+    governor = Governor(clock, concurrency=4, windows=(Window(100, 3600.0),), margin=0.0)
+    for _ in range(90):
+        async with governor.slot(Priority.CREATE):
+            pass
+    governor.use_forecast(forecast)
+    await anyio.sleep(3500)
+    creates: list[float] = []
+
+    async def create() -> None:
+        async with governor.slot(Priority.CREATE):
+            creates.append(clock.monotonic())
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(10):
+            tg.start_soon(create)
+        await anyio.sleep(50)
+        tg.cancel_scope.cancel()
+    return len(creates)
+
+
+@pytest.mark.anyio
+async def test_checks_needed_after_the_window_frees_up_hold_no_create_back() -> None:
+    """90 of 100 spent at 0 s; 20 checks forecast after 3,600 s, when those 90 have expired:
+    at 3,500 s the last 10 creates of the hour go. Spread over the coming hour, the same 20
+    keep some of them back."""
+    start = anyio.current_time()
+    after = _Forecast((start + 3650.0, 0.0), (start + 3700.0, 20.0))
+    assert await _creates_at_3500(after) == 10
+    assert await _creates_at_3500(FixedForecast(20)) < 10
+
+
+@pytest.mark.anyio
+async def test_a_create_waits_for_the_forecast_checks_to_pass_not_for_the_hour() -> None:
+    """20 checks due at 300 s, in a 100-request hour: 80 creates go at once, the other 15
+    once the checks' time is past (within the forecast's refresh), not an hour later."""
+    clock = LoopClock()
+    start = clock.monotonic()
+    governor = Governor(
+        clock,
+        concurrency=4,
+        windows=(Window(100, 3600.0),),
+        margin=0.0,
+        forecast=_Forecast((start + 300.0, 0.0), (start + 300.0, 20.0)),
+    )
+    creates: list[float] = []
+
+    async def create() -> None:
+        async with governor.slot(Priority.CREATE):
+            creates.append(clock.monotonic() - start)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(95):
+            tg.start_soon(create)
+    assert creates[:80] == [0.0] * 80
+    assert all(300.0 < t <= 306.0 for t in creates[80:]), creates[80:]
+
+
+@pytest.mark.anyio
+async def test_the_minute_keeps_room_for_checks_due_before_it_frees_up() -> None:
+    """2 checks due at 30 s: of 12 creates queued against 10 a minute, 8 go at once, and the
+    checks go at 30 s, not when the minute frees up at 60 s."""
+    clock = LoopClock()
+    start = clock.monotonic()
+    governor = Governor(
+        clock,
+        concurrency=4,
+        windows=(Window(10, 60.0),),
+        margin=0.0,
+        forecast=_Forecast((start + 30.0, 0.0), (start + 30.0, 2.0)),
+    )
+    creates: list[float] = []
+    checks: list[float] = []
+
+    async def create() -> None:
+        async with governor.slot(Priority.CREATE):
+            creates.append(clock.monotonic() - start)
+
+    async def check() -> None:
+        await anyio.sleep(30)
+        async with governor.slot(Priority.STATUS):
+            checks.append(clock.monotonic() - start)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(12):
+            tg.start_soon(create)
+        for _ in range(2):
+            tg.start_soon(check)
+    assert creates[:8] == [0.0] * 8
+    assert checks == [30.0, 30.0]
+
+
+@pytest.mark.anyio
+async def test_status_checks_are_kept_at_most_half_a_window() -> None:
+    """A forecast beyond what the window can give (1,000 checks a minute of 4) leaves
+    creates half of it: they are slowed, never stopped."""
+    clock = LoopClock()
+    governor = Governor(
+        clock,
+        concurrency=2,
+        windows=(Window(4, 60.0),),
+        margin=0.0,
+        forecast=FixedForecast(1000, within=60.0),
+    )
+    start = clock.monotonic()
+    for _ in range(4):
+        async with governor.slot(Priority.CREATE):
+            pass
+    assert clock.monotonic() - start == pytest.approx(60.0)
+
+
+@pytest.mark.anyio
+async def test_spare_is_what_fits_besides_the_creates_before_a_lull() -> None:
+    """60 of 100 spent at 0 s; at 10 s: 40 leave now, then nothing until 3,600 s. With 30
+    creates to go, 10 requests more fit before that lull; with 50, the last create waits
+    for 3,600 s whatever happens, and 90 more fit in the hour that then frees up."""
+    clock = FakeClock()
+    governor = Governor(clock, concurrency=2, windows=(Window(100, 3600.0),), margin=0.0)
+    for _ in range(60):
+        async with governor.slot(Priority.CREATE):
+            pass
+    clock.advance(10.0)
+    assert governor.spare(30) == 10
+    assert governor.spare(50) == 90
+    assert governor.spare(0) == math.inf

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -140,7 +141,7 @@ async def test_stuck_image_times_out() -> None:
 async def test_rejected_create_is_reported_and_not_retried() -> None:
     """A 422 on submit is `rejected` with the API's message, sent exactly once."""
     manifest = manifest_of(*image_urls(2))
-    bad = manifest.entries[0].__class__(**{**manifest.entries[0].__dict__, "region": "xx9"})
+    bad = replace(manifest.entries[0], region="xx9")
     manifest = manifest.__class__(version=1, entries=(bad, manifest.entries[1]), source="<t>")
     async with run_simulator(SimulatorConfig.demo()) as simulator:
         report = await run_import(manifest, settings_for(simulator.base_url))

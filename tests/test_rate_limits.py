@@ -132,11 +132,19 @@ async def test_a_rerun_within_a_minute_of_a_stopped_run(
     manifest = manifest_of(*image_urls(120))
     state = tmp_path / "state.sqlite"
     async with run_simulator(config) as simulator:
-        # The first run knows the API's limit: it spends the minute at once, with no 429.
+        # The first run spends the API's minute at once on creates, with no 429: it keeps
+        # what its status checks will need in the minute (3, checking every 30 s), so it
+        # is told a limit of 63.
         first = await run_import(
             manifest,
             settings_for(
-                simulator.base_url, state_path=state, deadline=20.0, per_minute=60, reserve=0.0
+                simulator.base_url,
+                state_path=state,
+                deadline=20.0,
+                per_minute=63,
+                reserve=0.0,
+                first_poll=30.0,
+                poll_interval=30.0,
             ),
             seed=1,
         )

@@ -8,7 +8,8 @@ requests a minute, 5,000 an hour), minutes-long imports that grow with file size
 image host that takes ``HEAD_LATENCY`` to answer a ``HEAD``:
 
 * ``importer``: :func:`importer.pipeline.run_import` with default settings (``--reserve``
-  changes the reserve), sizing the files first as ``importer run`` does;
+  changes the reserve), probing the sources as ``importer run`` does (each file's size and
+  version, submitting the largest known file first meanwhile);
 * ``strong``: a competent script written with the official client
   (:mod:`tests.perf.strong_baseline`): one pacer at the rate the importer allows itself,
   largest first, one listing by a run tag every 30 s, no blind POST retries;
@@ -68,7 +69,7 @@ from importer.pipeline import run_import
 from importer.report import Outcome
 from importer.settings import Settings, Token
 from importer.simulator import SimulatorConfig, World, run_simulator
-from importer.sizing import HeadSizer
+from importer.sources import SourceProber
 
 #: Where simulated wall time starts (2026-09-21T14:13:20Z): fixed, so runs are reproducible.
 EPOCH = 1_790_000_000.0
@@ -546,13 +547,14 @@ async def measure_importer(
         manifest = bench_manifest(sim.base_url, images)
         settings = scenario.settings(sim.base_url)
         started = clock.wall()
-        # Sizing the files first (HEAD, no API budget) is what `importer run` does by default.
+        # Probing the sources (HEAD, no API budget) while submitting is what `importer run`
+        # does by default.
         report, tally = await _alongside_other_tool(
             scenario,
             sim.base_url,
             clock,
             lambda: run_import(
-                manifest, settings, clock=clock, sizer=HeadSizer(), seed=scenario.seed
+                manifest, settings, clock=clock, prober=SourceProber(clock), seed=scenario.seed
             ),
         )
         ran = clock.wall() - started
