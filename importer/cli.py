@@ -256,6 +256,14 @@ def validate(manifest: Path) -> None:
     help="Most requests in any hour (DigitalOcean allows 5,000 per token).",
 )
 @click.option(
+    "--minute-window",
+    type=DURATION,
+    default=None,
+    hidden=True,
+    help="How long a request counts against --per-minute [default: 60s, DigitalOcean's]; "
+    "only to match a simulator run with the same flag.",
+)
+@click.option(
     "--reserve",
     type=click.FloatRange(0, 1, max_open=True),
     default=0.1,
@@ -322,6 +330,7 @@ def run(
     concurrency: int,
     per_minute: int,
     per_hour: int,
+    minute_window: float | None,
     reserve: float,
     size_order: bool,
     image_timeout: float,
@@ -376,6 +385,7 @@ def run(
             concurrency=concurrency,
             per_minute=per_minute,
             per_hour=per_hour,
+            minute_window=minute_window or Settings.minute_window,
             reserve=reserve,
             image_timeout=image_timeout,
             deadline=deadline,
@@ -890,6 +900,13 @@ def _fault_options(command: FC) -> FC:
 )
 @click.option(
     "--slow-seconds", type=click.FloatRange(0), default=None, help="How late a slow answer is."
+)
+@click.option(
+    "--minute-window",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="Seconds a request counts in the --per-minute limit [default: 60]; shorter "
+    "makes rate-limit pauses short, for tests.",
 )
 @click.option(
     "--count-rate-limited/--free-rate-limited",

@@ -45,7 +45,9 @@ class LoopClock:
     ``monotonic`` is the loop's own time (which anyio's deadlines use too), and
     ``wall`` is that time shifted to Unix time once, at first use. Under a
     :class:`VirtualTimeLoop` both are virtual; ``epoch`` fixes where virtual wall
-    time starts, so simulated runs are reproducible.
+    time starts, so simulated runs are reproducible. Without one, every clock on
+    a virtual loop shares the loop's own anchor, so that two runs on one loop
+    (a run, then its rerun) agree on wall time as two real processes would.
     """
 
     def __init__(self, epoch: float | None = None) -> None:
@@ -58,7 +60,10 @@ class LoopClock:
     def wall(self) -> float:
         now = anyio.current_time()
         if self._anchor is None:
-            self._anchor = (now, time.time() if self._epoch is None else self._epoch)
+            if self._epoch is not None:
+                self._anchor = (now, self._epoch)
+            else:
+                self._anchor = _loop_anchor() or (now, time.time())
         loop_start, wall_start = self._anchor
         return wall_start + (now - loop_start)
 
@@ -68,6 +73,17 @@ class LoopClock:
     def move_on_after(self, seconds: float) -> anyio.CancelScope:
         # anyio's deadlines are in the loop's time, which is this clock's monotonic time.
         return anyio.CancelScope(deadline=self.monotonic() + seconds)
+
+
+def _loop_anchor() -> tuple[float, float] | None:
+    """A virtual loop's (loop time, Unix time) anchor; ``None`` on any other loop."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    if isinstance(loop, VirtualTimeLoop):
+        return (0.0, loop.wall_epoch)
+    return None
 
 
 def isoformat(unix: float) -> str:
@@ -118,6 +134,8 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def __init__(self) -> None:
         super().__init__(selectors.DefaultSelector())
         self._virtual_now = 0.0
+        #: The Unix time virtual time 0 stands for (when the loop was made).
+        self.wall_epoch = time.time()
         self._selector: Any = _JumpingSelector(self, self._selector)
 
     def time(self) -> float:

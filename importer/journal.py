@@ -13,6 +13,11 @@ history. The journal is never the truth about the account (the set's listing is,
 see :mod:`importer.converge`); it tells what a listing cannot: which creates may
 have left unanswered, and the ids of images a listing may hide.
 
+Deletions are journaled the same way: the intent before the ``DELETE`` leaves
+(:meth:`Journal.deleting`), the result once it is known
+(:meth:`Journal.deletion_result`), so that a kill while a ``DELETE`` is on the
+wire still leaves its image id for the report.
+
 One process at a time: :class:`Journal` holds an exclusive ``flock`` on
 ``<state>.lock`` for as long as it is open; the kernel releases it when the
 process dies, however it dies.
@@ -34,7 +39,7 @@ from types import TracebackType
 from importer.errors import StateFileError, StateLockedError
 
 MEMORY = ":memory:"
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     tag           TEXT PRIMARY KEY,
@@ -53,9 +58,21 @@ CREATE TABLE IF NOT EXISTS entries (
     submitted_at  REAL,
     finished_at   REAL,
     updated_at    REAL,
-    version       TEXT
+    version       TEXT,
+    last_sent_at  REAL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS deletions (
+    image_id   INTEGER PRIMARY KEY,
+    tag        TEXT NOT NULL,
+    reason     TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    error      TEXT,
+    updated_at REAL,
+    -- Whether a run's final report named it (a killed run's report never was).
+    reported   INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS deletions_by_tag ON deletions(tag);
 CREATE TABLE IF NOT EXISTS runs (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     started_at  REAL NOT NULL,
@@ -77,7 +94,11 @@ _RUNS_KEPT = 10
 #: Whether a create is for the row's version (a row without one, written by a test or
 #: an older schema, is taken to be about it).
 _SAME_VERSION = " COALESCE(version, excluded.version) IS excluded.version "
-_MIGRATIONS = {1: "ALTER TABLE entries ADD COLUMN version TEXT"}
+_MIGRATIONS = {
+    1: "ALTER TABLE entries ADD COLUMN version TEXT",
+    # Schema 3: when the latest create left, which reconciliation waits from.
+    2: "ALTER TABLE entries ADD COLUMN last_sent_at REAL",
+}
 #: Transfers of an entry's image to its other regions, one row per (entry, region): the
 #: last one sent. Added beside the entries (a state file without it gains it unchanged).
 _TRANSFERS_SCHEMA = """
@@ -104,6 +125,38 @@ class Phase(StrEnum):
     SUBMITTED = "submitted"
     #: Nothing more will be done for this entry (see ``outcome``).
     FINISHED = "finished"
+
+
+class DeletionState(StrEnum):
+    """Where one ``DELETE`` of an image stands."""
+
+    #: Journaled before the request left: the image may be deleted or not.
+    SENDING = "sending"
+    #: The API answered 204.
+    DELETED = "deleted"
+    #: The API answered 404: gone already (perhaps by an earlier attempt of ours).
+    GONE = "gone"
+    #: The API refused it (a 4xx such as 422 while the image still imports): not deleted.
+    REFUSED = "refused"
+
+    @property
+    def may_be_deleted(self) -> bool:
+        """Whether the image may be gone by our hand: the report must name it."""
+        return self is not DeletionState.REFUSED
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """One image an entry set out to delete, and what became of the ``DELETE``."""
+
+    image_id: int
+    tag: str
+    #: Why: ``duplicate`` (an extra copy made by a create whose answer was lost).
+    reason: str
+    state: DeletionState
+    error: str | None
+    #: Whether the final report of a run named it.
+    reported: bool = False
 
 
 class TransferPhase(StrEnum):
@@ -155,6 +208,8 @@ class EntryState:
     error: str | None
     creates_sent: int
     uncertain: int
+    #: Extra copies deleted, or being deleted (a ``DELETE`` journaled and not
+    #: refused): every one the report must name.
     duplicates: tuple[int, ...]
     #: When the first create for this entry left (wall time): no image of the
     #: entry's created before then can be one of ours.
@@ -164,6 +219,9 @@ class EntryState:
     #: The version tag of the source this row's creates were for
     #: (:func:`importer.identity.version_tag`); a row of another version is history.
     version: str | None = None
+    #: When the latest create for this entry left (wall time): what reconciling
+    #: an uncertain create waits from, across runs.
+    last_sent_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -254,6 +312,7 @@ class Journal:
         row = self._db.execute("SELECT * FROM entries WHERE tag = ?", (tag,)).fetchone()
         if row is None:
             return None
+        named = {d.image_id for d in self.deletions(tag) if d.state.may_be_deleted}
         return EntryState(
             tag=row["tag"],
             name=row["name"],
@@ -266,12 +325,38 @@ class Journal:
             error=row["error"],
             creates_sent=row["creates_sent"],
             uncertain=row["uncertain"],
-            duplicates=tuple(json.loads(row["duplicates"])),
+            duplicates=tuple(sorted({*json.loads(row["duplicates"]), *named})),
             first_sent_at=row["first_sent_at"],
             submitted_at=row["submitted_at"],
             finished_at=row["finished_at"],
             version=row["version"],
+            # A file of an older schema, read without being migrated (read_only).
+            last_sent_at=row["last_sent_at"] if "last_sent_at" in row.keys() else None,  # noqa: SIM118 - sqlite3.Row
         )
+
+    def deletions(self, tag: str) -> tuple[Deletion, ...]:
+        """The images ``tag``'s entry set out to delete, by id."""
+        try:
+            rows = self._db.execute(
+                "SELECT * FROM deletions WHERE tag = ? ORDER BY image_id", (tag,)
+            ).fetchall()
+        except sqlite3.OperationalError:  # an older file, read without being migrated
+            return ()
+        return tuple(
+            Deletion(
+                image_id=row["image_id"],
+                tag=row["tag"],
+                reason=row["reason"],
+                state=DeletionState(row["state"]),
+                error=row["error"],
+                reported=bool(row["reported"]),
+            )
+            for row in rows
+        )
+
+    def unreported_deletions(self, tag: str) -> tuple[Deletion, ...]:
+        """``tag``'s deletions that may have happened and no run's final report named yet."""
+        return tuple(d for d in self.deletions(tag) if d.state.may_be_deleted and not d.reported)
 
     def changed_since(self, since: float) -> tuple[EntryState, ...]:
         """Rows written at or after ``since`` (wall time)."""
@@ -312,11 +397,24 @@ class Journal:
     ) -> None:
         """A create for ``tag`` is about to leave: from here on it may exist.
 
-        A row about another version is history: it starts afresh.
+        A row about another version is history: it starts afresh, and so do its
+        deletions, but for those no report has named yet.
         """
+        with self._transaction():
+            self._db.execute(
+                "DELETE FROM deletions WHERE tag=? AND reported=1 AND EXISTS (SELECT 1"
+                " FROM entries WHERE tag=? AND version IS NOT NULL AND version IS NOT ?)",
+                (tag, tag, version),
+            )
+            self._creating(tag, name, region, now, group, version)
+
+    def _creating(
+        self, tag: str, name: str, region: str, now: float, group: str | None, version: str | None
+    ) -> None:
         self._db.execute(
             "INSERT INTO entries(tag, name, region, group_tag, phase, creates_sent,"  # noqa: S608 - constant SQL
-            " first_sent_at, updated_at, version) VALUES (?, ?, ?, ?, 'creating', 1, ?, ?, ?)"
+            " first_sent_at, updated_at, version, last_sent_at)"
+            " VALUES (?, ?, ?, ?, 'creating', 1, ?, ?, ?, ?)"
             " ON CONFLICT(tag) DO UPDATE SET phase='creating', image_id=NULL, status=NULL,"
             " outcome=NULL, error=NULL, finished_at=NULL,"
             " group_tag=COALESCE(excluded.group_tag, group_tag),"
@@ -326,8 +424,9 @@ class Journal:
             " submitted_at=CASE WHEN" + _SAME_VERSION + "THEN submitted_at ELSE NULL END,"
             " first_sent_at=CASE WHEN" + _SAME_VERSION + "THEN"
             " COALESCE(first_sent_at, excluded.first_sent_at) ELSE excluded.first_sent_at END,"
-            " version=excluded.version, updated_at=excluded.updated_at",
-            (tag, name, region, group, now, now, version),
+            " version=excluded.version, updated_at=excluded.updated_at,"
+            " last_sent_at=excluded.last_sent_at",
+            (tag, name, region, group, now, now, version, now),
         )
 
     def watching(
@@ -390,6 +489,40 @@ class Journal:
 
     def duplicates(self, tag: str, image_ids: tuple[int, ...], now: float) -> None:
         self._update(tag, now, "duplicates=?", json.dumps(sorted(image_ids)))
+
+    def deleting(self, tag: str, image_id: int, now: float, reason: str = "duplicate") -> None:
+        """A ``DELETE`` of ``image_id`` is about to leave: from here on it may be gone."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO deletions(image_id, tag, reason, state, error, updated_at)"
+                " VALUES (?, ?, ?, 'sending', NULL, ?)"
+                " ON CONFLICT(image_id) DO UPDATE SET state='sending', error=NULL,"
+                " updated_at=excluded.updated_at",
+                (image_id, tag, reason, now),
+            )
+            self._db.execute("UPDATE entries SET updated_at=? WHERE tag=?", (now, tag))
+
+    def deletions_reported(self, image_ids: Iterable[int]) -> None:
+        """A run's final report named these deletions."""
+        with self._transaction():
+            self._db.executemany(
+                "UPDATE deletions SET reported=1 WHERE image_id=?", ((i,) for i in image_ids)
+            )
+
+    def deletion_result(
+        self, image_id: int, state: DeletionState, now: float, error: str | None = None
+    ) -> None:
+        """What the API answered to the ``DELETE`` of ``image_id``."""
+        with self._transaction():
+            self._db.execute(
+                "UPDATE deletions SET state=?, error=?, updated_at=? WHERE image_id=?",
+                (state.value, error, now, image_id),
+            )
+            self._db.execute(
+                "UPDATE entries SET updated_at=? WHERE tag=(SELECT tag FROM deletions"
+                " WHERE image_id=?)",
+                (now, image_id),
+            )
 
     def finished(
         self,

@@ -49,6 +49,7 @@ method                 from            to          journal         log event
 ``adopted``            uncertain       importing   ``submitted``   ``image.adopted``
 ``abandoned``          uncertain       finished    ``finished``    ``image.abandoned``
 ``saw``                importing       importing   ``status``      ``image.status``
+``switched``           importing       importing   ``submitted``   ``image.kept``
 ``lost``               importing       planned     -               ``image.lost``
 ``transferring``       unchanged,      transfer-   -               ``image.transferring``
                        importing       ring
@@ -72,7 +73,9 @@ known only to the journal (listings may hide importing images). ``lost``: that
 image turned out to be gone or failed, so the entry is decided again (and
 imported again if nothing of its version lives). Both also follow
 ``uncertain`` when the lost create made nothing but the account holds an image
-of this version. ``resumed_uncertain``
+of this version. ``switched``: after a lost create, the sweep keeps another
+copy than the one watched (available first, then the oldest), which the entry
+watches from then on. ``resumed_uncertain``
 journals the create an earlier run left unanswered as uncertain once (a run
 stopped while reconciling must not count it twice). ``not_sent`` follows a 429
 or a connection that never opened; the client then sends the create again
@@ -91,7 +94,7 @@ The submission turn (at most ``concurrency`` entries submitting at once, see
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from enum import StrEnum
 from typing import Any
@@ -102,7 +105,7 @@ import structlog
 from importer.api import Image
 from importer.clock import Clock
 from importer.converge import Decision, created_at
-from importer.journal import EntryState, Journal, Phase, TransferPhase
+from importer.journal import Deletion, EntryState, Journal, Phase, TransferPhase
 from importer.plan import PlannedImport
 from importer.report import ImageResult, Outcome, Renamed
 from importer.transfers import NOT_TRANSFERRED, TRANSFERRED, TRANSFERRING, failed_state
@@ -148,6 +151,7 @@ TRANSITIONS: Mapping[str, tuple[frozenset[State], State]] = {
     "adopted": (frozenset({State.UNCERTAIN}), State.IMPORTING),
     "abandoned": (frozenset({State.UNCERTAIN}), State.FINISHED),
     "saw": (frozenset({State.IMPORTING}), State.IMPORTING),
+    "switched": (frozenset({State.IMPORTING}), State.IMPORTING),
     "lost": (frozenset({State.IMPORTING}), State.PLANNED),
     "transferring": (frozenset({State.UNCHANGED, State.IMPORTING}), State.TRANSFERRING),
     "rotating": (
@@ -542,6 +546,33 @@ class EntryLifecycle:
         """Extra copies found by tag and deleted (the reconciler journals them)."""
         self.result = replace(self.result, duplicates_deleted=image_ids)
 
+    def switched(self, image: Image) -> None:
+        """After a lost create, another copy is the entry's image (available first, then oldest).
+
+        The copy watched failed, vanished or is a newer duplicate; the journal's row
+        points at the copy kept from now on.
+        """
+        now = self._clock.wall()
+        self._move(
+            "switched",
+            journal=lambda: self._journal.submitted(self.tag, image.id, image.status, now),
+            event=("info", "image.kept", {"image_id": image.id, "status": image.status}),
+            image_id=image.id,
+            status=image.status,
+        )
+
+    def journaled_deletions(self, deletions: Sequence[Deletion]) -> None:
+        """Deletions the journal holds that no report named yet (a killed run's, say)."""
+        duplicates = {d.image_id for d in deletions if d.reason == "duplicate"}
+        others = [d.image_id for d in deletions if d.reason != "duplicate"]
+        result = self.result
+        if duplicates - set(result.duplicates_deleted) or set(others) - set(result.deleted):
+            self.result = replace(
+                result,
+                duplicates_deleted=tuple(sorted({*result.duplicates_deleted, *duplicates})),
+                deleted=(*result.deleted, *(i for i in others if i not in result.deleted)),
+            )
+
     def available(self, image: Image, error: str | None = None) -> None:
         """The entry ends with ``image``; ``error`` says what rotation left undone."""
         fields: dict[str, Any] = {"image_id": image.id}
@@ -564,11 +595,13 @@ class EntryLifecycle:
             fields = {"image_id": image.id, "status": image.status, **fields}
         self._finish(Outcome.FAILED, error, ("warning", "image.failed", fields), "failed")
 
-    def timed_out(self, timeout: float) -> None:
+    def timed_out(self, timeout: float, note: str | None = None) -> None:
+        """Not available within ``timeout`` of its submission; ``note`` adds to the error."""
         fields = {"image_id": self.result.image_id, "timeout": timeout}
+        error = "timed out waiting for the import"
         self._finish(
             Outcome.TIMED_OUT,
-            "timed out waiting for the import",
+            f"{error}; {note}" if note else error,
             ("warning", "image.timed_out", fields),
             "timed_out",
         )

@@ -47,7 +47,16 @@ import structlog
 from importer.api import Image
 from importer.client import ImagesClient
 from importer.clock import Clock, LoopClock, isoformat
-from importer.converge import Action, Decision, Rename, Step, created_at, decide, rotate
+from importer.converge import (
+    Action,
+    Decision,
+    Delete,
+    Rename,
+    Step,
+    created_at,
+    decide,
+    rotate,
+)
 from importer.errors import (
     ApiError,
     ApiUnreachableError,
@@ -61,7 +70,7 @@ from importer.errors import (
 from importer.governor import Governor, Window
 from importer.identity import entry_tag, set_tag
 from importer.inventory import Inventory, entry_tag_of, group_tag_of, read_inventory
-from importer.journal import MEMORY, EntryState, Journal, Phase
+from importer.journal import MEMORY, DeletionState, EntryState, Journal, Phase
 from importer.lifecycle import EntryLifecycle, State, Turn
 from importer.manifest import Entry, Manifest
 from importer.order import LargestFirst
@@ -167,6 +176,7 @@ class Importer:
         transfers: Transfers | None = None,
     ) -> None:
         self._manifest = manifest
+        self._set_tag = set_tag(manifest.set)
         self._client = client
         self._poller = poller
         self._journal = journal
@@ -246,6 +256,9 @@ class Importer:
         for entry in self._entries.values():
             if not entry.done:
                 entry.stopped()
+            # Deletions an earlier (killed) run left unreported, or whose answer this
+            # run never had: the journal names them.
+            entry.journaled_deletions(self._journal.unreported_deletions(entry.tag))
         counts = Counter(result.outcome.value for result in self.results())
         self._log.info("run.finished", stopped=self.stopped, **counts)
 
@@ -405,9 +418,6 @@ class Importer:
         decision = item.decision
         if decision.action is not Action.UNCHANGED or decision.reconcile or item.transfers:
             return False
-        if item.version is None:
-            # The source could not be probed: its image is kept as it is, unrotated.
-            return True
         return (
             item.rotation is not None
             and item.rotation.is_empty
@@ -517,32 +527,51 @@ class Importer:
         ours: bool,
         last: bool,
     ) -> Decision | None:
-        try:
-            final = await self._wait_for(entry, image_id, fresh, group)
-        except ImageVanishedError as exc:
+        while True:
+            lost: ImageVanishedError | None = None
+            try:
+                final = await self._wait_for(entry, image_id, fresh, group)
+            except ImageVanishedError as exc:
+                final, lost = None, exc
+            left: tuple[int, ...] = ()
+            if self._uncertain_creates(entry) > 0 and entry.state is State.IMPORTING:
+                # Whatever the outcome (the image gone too), the entry must not end with
+                # a second copy of what its lost creates made, and keeps the best one.
+                polled = _polled(image_id, final, lost, entry.result.status)
+                swept = await self._reconciler.sweep(entry.item, polled=polled, log=entry.log)
+                entry.duplicates_deleted(swept.deleted)
+                left = swept.left
+                for gone in (*swept.deleted, *left):
+                    # Rotation must not delete them again (nor trip over those left).
+                    self._forget(entry.tag, gone)
+                kept = swept.kept
+                if kept is not None and kept.id != image_id:
+                    entry.switched(kept)
+                    self._learn(entry.tag, kept)
+                    image_id, fresh, ours, lost = kept.id, False, True, None
+                    group = group_tag_of(kept) or entry.item.group
+                    if not kept.is_available:
+                        continue  # watch the copy kept, within the same timeout
+                    final = kept
+            break
+        if lost is not None:
             if last:
-                raise
-            # Deleted by someone (a person, or another run keeping another copy).
-            return await self._redecide(entry, image_id, exc.safe_message)
-        if self._uncertain_creates(entry) > 0 and entry.state is State.IMPORTING:
-            # Whatever the outcome, the entry must not end with a second copy of
-            # what its lost create made.
-            deleted = await self._reconciler.sweep(entry.item, keep=image_id, log=entry.log)
-            entry.duplicates_deleted(deleted)
-            for gone in deleted:
-                self._forget(entry.tag, gone)
+                raise lost
+            # Deleted by someone (a person, or another run keeping another copy), or
+            # failed and purged before anyone read it.
+            return await self._redecide(entry, image_id, lost.safe_message)
         if final is None:
-            entry.timed_out(self._settings.image_timeout)
+            entry.timed_out(self._settings.image_timeout, note=_left_note(None, left))
             return None
         self._learn(entry.tag, final)
         if final.is_available:
-            await self._rotate(entry, final)
+            await self._rotate(entry, final, left=left)
             return None
         error = redact_text(final.error_message) or f"the image turned {final.status}"
         if not ours and not last:
             # An earlier run's import failed: this run imports the entry again.
             return await self._redecide(entry, image_id, error)
-        entry.failed(error, final)
+        entry.failed(_left_note(error, left) or error, final)
         return None
 
     async def _redecide(self, entry: EntryLifecycle, image_id: int, error: str) -> Decision:
@@ -569,6 +598,7 @@ class Importer:
         submitted_at = entry.result.submitted_at
         elapsed = self._clock.wall() - submitted_at if submitted_at is not None else 0.0
         with self._clock.move_on_after(max(0.0, self._settings.image_timeout - elapsed)):
+            row = entry.row()
             return await self._poller.wait(
                 image_id,
                 lambda image: self._saw(entry, image),
@@ -576,11 +606,13 @@ class Importer:
                 size=entry.item.size,
                 submitted_at=submitted_at,
                 fresh=fresh,
+                sent_at=row.last_sent_at if row is not None else None,
             )
         # Time is up (perhaps between runs): one last look, so that an import that
-        # finished or failed meanwhile is reported as what it is.
+        # finished or failed meanwhile is reported as what it is (a failed image
+        # purged since is reported with the message seen, if any was).
         try:
-            image = await self._client.get(image_id)
+            image = await self._poller.look(image_id)
         except (TransientApiError, RateLimitedError):
             return None
         self._saw(entry, image)
@@ -647,16 +679,21 @@ class Importer:
 
     # -- rotation: the name on the newest, older versions kept or deleted -----------
 
-    async def _rotate(self, entry: EntryLifecycle, image: Image) -> None:
+    async def _rotate(
+        self, entry: EntryLifecycle, image: Image, *, left: tuple[int, ...] = ()
+    ) -> None:
         """Copy the image to the entry's other regions, then put the entry's names and
-        versions right, from what the account showed."""
+        versions right, from what the account showed.
+
+        ``left``: extra copies the sweep could not delete, named in the entry's error.
+        """
         item = entry.item
         vtag = item.version_tag
         if vtag is None:
             # The source could not be probed: its image is kept as it is, unrotated, but
             # still copied where the manifest needs it.
-            left = await self._transfer(entry, image)
-            entry.available(image, error="; ".join(left) or None)
+            undone = await self._transfer(entry, image)
+            entry.available(image, error=_left_note("; ".join(undone) or None, left))
             return
         if vtag not in (image.tags or ()):
             # The image this entry watched is of this version, whatever its answer showed.
@@ -683,7 +720,9 @@ class Importer:
             errors.append(
                 "names and versions not put right (the next run finishes): " + "; ".join(problems)
             )
-        entry.available(known.get(keeper.id, keeper), error="; ".join(errors) or None)
+        entry.available(
+            known.get(keeper.id, keeper), error=_left_note("; ".join(errors) or None, left)
+        )
 
     async def _transfer(self, entry: EntryLifecycle, image: Image) -> list[str]:
         """Copy ``image`` to the entry's regions it is not in; one problem per region left out."""
@@ -709,15 +748,30 @@ class Importer:
                     known[step.image_id] = renamed
                     entry.renamed(step.image_id, step.old, step.new)
                 else:
+                    # Journaled before it leaves: a kill mid-request still names it.
+                    self._journal.deleting(
+                        entry.tag, step.image_id, self._clock.wall(), reason=step.reason
+                    )
                     await self._client.delete(step.image_id)
+                    self._journal.deletion_result(
+                        step.image_id, DeletionState.DELETED, self._clock.wall()
+                    )
                     known.pop(step.image_id, None)
                     entry.deleted(step.image_id, step.reason)
             except (AuthenticationError, ApiUnreachableError):
                 raise
             except RejectedError as exc:
                 if exc.status == 404:
+                    if isinstance(step, Delete):
+                        self._journal.deletion_result(
+                            step.image_id, DeletionState.GONE, self._clock.wall()
+                        )
                     known.pop(step.image_id, None)  # gone already
                     continue
+                if isinstance(step, Delete):
+                    self._journal.deletion_result(
+                        step.image_id, DeletionState.REFUSED, self._clock.wall(), exc.safe_message
+                    )
                 # Refused (an image still importing may not be deletable): say so, go on.
                 problems.append(f"image {step.image_id}: {exc.safe_message}")
                 entry.log.warning(
@@ -768,6 +822,9 @@ class Importer:
         self._transfers.observe(images)
 
     def _learn(self, tag: str, image: Image) -> None:
+        if self._set_tag not in (image.tags or ()):
+            # Not the set's (someone took the tag off to keep it): never renamed nor deleted.
+            return
         known = self._known.setdefault(tag, {})
         if image.has_failed:
             known.pop(image.id, None)
@@ -837,6 +894,29 @@ def _index(item: PlannedImport) -> int:
     return item.index
 
 
+def _polled(
+    image_id: int, final: Image | None, lost: ImageVanishedError | None, status: str | None
+) -> Image:
+    """The watched image as last seen, for the sweep: finished, gone, or still importing."""
+    if final is not None:
+        return final
+    if lost is not None:
+        return Image(id=image_id, status="deleted", error_message=lost.safe_message)
+    return Image(id=image_id, status=status or "NEW")
+
+
+def _left_note(error: str | None, left: tuple[int, ...]) -> str | None:
+    """``error``, plus the extra copies the API would not delete, if any."""
+    if not left:
+        return error
+    ids = ", ".join(str(image_id) for image_id in left)
+    note = (
+        f"extra copies {ids} could not be deleted (the API refused while they imported): "
+        "delete them by hand"
+    )
+    return f"{error}; {note}" if error else note
+
+
 def _interim(entry: EntryLifecycle) -> ImageResult:
     if not entry.done and entry.result.image_id is not None:
         return replace(entry.result, outcome=Outcome.PENDING)
@@ -886,7 +966,7 @@ async def run_import(
         clock,
         concurrency=settings.concurrency,
         windows=(
-            Window(settings.effective_per_minute, 60.0),
+            Window(settings.effective_per_minute, settings.minute_window),
             Window(settings.effective_per_hour, 3600.0),
         ),
     )
@@ -992,6 +1072,9 @@ async def run_import(
                 run_id, _compact(replace(final, images=())), _rows(final.images), clock.wall(),
                 ended=True,
             )  # fmt: skip
+            journal.deletions_reported(
+                [i for r in final.images for i in (*r.duplicates_deleted, *r.deleted)]
+            )
     return final
 
 
@@ -1089,7 +1172,7 @@ async def plan_only(
         clock,
         concurrency=settings.concurrency,
         windows=(
-            Window(settings.effective_per_minute, 60.0),
+            Window(settings.effective_per_minute, settings.minute_window),
             Window(settings.effective_per_hour, 3600.0),
         ),
     )

@@ -34,13 +34,13 @@ from importer.converge import (
     Delete,
     Rename,
     Rotation,
+    created,
     decide,
-    keeper_key,
     rotate,
 )
 from importer.identity import Version, entry_tag, retired_name, set_tag, version_tag
-from importer.inventory import GROUP_TAG_PREFIX, Inventory, group_tag_of
-from importer.journal import Journal
+from importer.inventory import GROUP_TAG_PREFIX, Inventory, group_tag_of, version_tag_of
+from importer.journal import EntryState, Journal
 from importer.manifest import Entry, Manifest
 
 GROUP_SIZE = PER_PAGE_MAX
@@ -104,6 +104,9 @@ class PlannedImport:
     #: The regions the entry's image will be transferred to once it is available: those
     #: of the entry's ``regions`` its image is not in (see :mod:`importer.transfers`).
     transfers: tuple[str, ...] = ()
+    #: The version tag of the entry's newest live image, taken as its version when the
+    #: source could not be probed (``version`` is then ``None``).
+    assumed_version_tag: str | None = None
 
     @property
     def index(self) -> int:
@@ -111,7 +114,9 @@ class PlannedImport:
 
     @property
     def version_tag(self) -> str | None:
-        return version_tag(self.version) if self.version is not None else None
+        if self.version is None:
+            return self.assumed_version_tag
+        return version_tag(self.version)
 
     @property
     def create_name(self) -> str:
@@ -361,24 +366,19 @@ def plan_entry(
     images = inventory.entry(tag) if inventory is not None else ()
     row = journal.get(tag) if journal is not None else None
     version = facts.version
-    kept = None
+    assumed = None
     if version is None and facts.error is not None and entry.checksums_url is None:
         # Only the importer failed to reach the host (DigitalOcean fetches the file
         # itself, perhaps from another network): an unknown version is no change.
-        # The entry keeps its available image; without one, the URL is the version,
+        # The entry goes on with the version its newest live image holds (watched
+        # if still importing, kept if available); with none, the URL is the version,
         # the last resort of the order the sources follow.
-        available = [image for image in images if image.is_available]
-        if available:
-            kept = min(available, key=keeper_key(entry.name))
-        else:
+        assumed = _newest_version_tag(images, row)
+        if assumed is None:
             version = Version.from_url(entry.url)
-    vtag = version_tag(version) if version is not None else None
-    decision = (
-        Decision(Action.UNCHANGED, image=kept)
-        if kept is not None
-        else decide(
-            name=entry.name, version_tag=vtag, source_error=facts.error, images=images, row=row
-        )
+    vtag = version_tag(version) if version is not None else assumed
+    decision = decide(
+        name=entry.name, version_tag=vtag, source_error=facts.error, images=images, row=row
     )
     item = PlannedImport(
         entry=entry,
@@ -389,6 +389,7 @@ def plan_entry(
         version=version,
         decision=decision,
         source_error=facts.error,
+        assumed_version_tag=assumed,
     )
     group = None
     if decision.image is not None:
@@ -415,6 +416,17 @@ def _transfers(entry: Entry, decision: Decision) -> tuple[str, ...]:
     image = decision.image
     have = set(image.regions) if image is not None and image.is_available else set()
     return tuple(region for region in entry.transfer_regions if region not in have)
+
+
+def _newest_version_tag(images: Sequence[Image], row: EntryState | None) -> str | None:
+    """The version of the entry's newest live image, else of the image its journal row
+    watches (listings may hide importing images); ``None`` if neither is known."""
+    live = [image for image in images if not image.has_failed and version_tag_of(image)]
+    if live:
+        return version_tag_of(max(live, key=lambda image: (created(image), image.id)))
+    if row is not None and row.image_id is not None and row.outcome != "failed":
+        return row.version
+    return None
 
 
 class Groups:

@@ -7,7 +7,18 @@ waits in :meth:`StatusPoller.wait`. Statuses come from listings of *groups*
 The listing cannot tell everything: a failed image drops out of listings, and
 DigitalOcean may hide images still importing. An image missing from its
 group's listing for too long is therefore asked for by id, the only way to read
-a failure's ``error_message``.
+a failure's ``error_message`` when listings leave failed images out.
+
+A failed image may be purged (then a read by id answers 404, and listings drop
+it) before the importer reads it. So every failure any listing or read shows is
+kept (:meth:`StatusPoller.learn`), and a 404 for an image whose failure was seen
+reports that failure with its message; one never seen is reported as such
+(:data:`UNREAD_FAILURE`), never as the API's bare "not found".
+
+Listings may also lag behind creates: an image may be missing from them for a
+while after it was made. :class:`ListingLag` learns how long, from this run's
+own creates, so that reconciliation (:mod:`importer.reconcile`) knows when
+"not listed" means "absent".
 
 When is an image due? Nothing happens in an import's first minutes, so the
 poller learns from the imports it sees finish how long an import of a given
@@ -61,6 +72,55 @@ DIRECT_SHARE = 0.05
 #: Called with each status seen, so the caller can record it.
 StatusCallback = Callable[[Image], None]
 GIB = 1024**3
+#: What is reported of an image gone (404) before any listing or read showed it failed.
+UNREAD_FAILURE = (
+    "the image was removed (404) before its error message could be read: "
+    "its import failed and the API purged it, or someone deleted it"
+)
+
+
+class ListingLag:
+    """How long after a create its image may still be missing from listings.
+
+    Learned from this run's own creates: each one's send time (wall clock) is
+    noted, and the first listing that shows its image bounds the lag from above
+    (the listing's answer came after the image appeared). :meth:`bound` is twice
+    the largest such bound seen, so that a lag a little longer than any seen is
+    still covered; before anything is learned it is the caller's default.
+    """
+
+    #: Margin over the longest lag seen.
+    FACTOR = 2.0
+
+    def __init__(self) -> None:
+        self._sent: dict[int, float] = {}
+        self._longest: float | None = None
+
+    def sent(self, image_id: int, at: float) -> None:
+        """The create that made ``image_id`` left at ``at`` (wall clock)."""
+        if image_id not in self._sent:
+            self._sent[image_id] = at
+
+    def listed(self, images: Sequence[Image], at: float) -> None:
+        """A listing answered at ``at`` (wall clock) showed ``images``."""
+        for image in images:
+            sent = self._sent.pop(image.id, None)
+            if sent is not None:
+                lag = max(0.0, at - sent)
+                self._longest = lag if self._longest is None else max(self._longest, lag)
+
+    @property
+    def longest(self) -> float | None:
+        """The longest lag seen (an upper bound of each), or ``None`` before any."""
+        return self._longest
+
+    def bound(self, default: float) -> float:
+        """How long after a create a listing may still miss its image: at most ``default``."""
+        if self._longest is None:
+            return default
+        return min(default, self.FACTOR * self._longest)
+
+
 #: How far ahead a forecast looks: the longest a request counts in DigitalOcean's window.
 FORECAST_HORIZON = 2 * 3600.0
 #: The interval is stretched to at most this many times ``poll_interval``...
@@ -260,6 +320,11 @@ class StatusPoller:
         self.model = DurationModel()
         #: Whether listings show images still importing: learned, never assumed.
         self.lists_in_progress = False
+        #: How long listings lag behind this run's creates.
+        self.lag = ListingLag()
+        # Every failed image seen in a listing or read, by id: its message outlives
+        # the image (a failed image may be purged before anyone reads it by id).
+        self._failed: dict[int, Image] = {}
         #: Told every image a group listing shows, watched or not (another run's
         #: import of the same entry may share the group).
         self.on_listed: Callable[[Sequence[Image]], None] | None = None
@@ -275,13 +340,23 @@ class StatusPoller:
         size: int | None = None,
         submitted_at: float | None = None,
         fresh: bool = True,
+        sent_at: float | None = None,
     ) -> Image:
         """The image once it is ``available`` or ``deleted``/``retired``.
 
         ``submitted_at`` (wall time) places an image submitted earlier. ``fresh``
         says it was just created by this run (so it was importing at
         ``submitted_at``); a resumed or adopted image was not seen importing.
+        ``sent_at`` (wall time) is when the create of a fresh image left: its
+        first listing teaches :attr:`lag`.
         """
+        if fresh and sent_at is not None:
+            self.lag.sent(image_id, sent_at)
+        failed = self._failed.get(image_id)
+        if failed is not None:
+            # Seen failed already (by reconciliation): nothing to wait for.
+            on_status(failed)
+            return failed
         now = self._clock.monotonic()
         submitted = now
         if submitted_at is not None:
@@ -606,28 +681,58 @@ class StatusPoller:
         return stats.unfinished() if stats is not None else []
 
     def learn(self, images: Sequence[Image]) -> None:
-        """Note whether a listing showed images still importing."""
+        """Learn from a listing just answered, whoever asked for it.
+
+        Whether listings show images still importing; how long they lag behind
+        creates; and every failure shown, which also ends the wait for that image.
+        """
         if not self.lists_in_progress and any(i.status in ("NEW", "pending") for i in images):
             self.lists_in_progress = True
             self._log.info("listing.shows_in_progress")
+        self.lag.listed(images, self._clock.wall())
+        for image in images:
+            if image.has_failed:
+                self._note_failed(image)
+
+    def failure(self, image_id: int) -> Image | None:
+        """The failed image ``image_id`` as last seen, if any listing or read showed it failed."""
+        return self._failed.get(image_id)
+
+    async def look(self, image_id: int) -> Image:
+        """Read one image by id, a 404 mapped to what is known of it.
+
+        An image gone (404) whose failure was seen is that failure, with its
+        message; one never seen failed raises :class:`ImageVanishedError` saying
+        so plainly.
+        """
+        try:
+            image = await self._client.get(image_id, priority=Priority.STATUS)
+        except RejectedError as exc:
+            if exc.status != 404:
+                raise
+            failed = self._failed.get(image_id)
+            if failed is not None:
+                return failed
+            raise ImageVanishedError(
+                UNREAD_FAILURE, status=404, method=exc.method, path=exc.path
+            ) from None
+        if image.has_failed:
+            self._note_failed(image)
+        return image
+
+    def _note_failed(self, image: Image) -> None:
+        self._failed[image.id] = image
+        watch = self._watches.get(image.id)
+        if watch is not None and not watch.done.is_set():
+            self._saw(watch, image, self._clock.monotonic())
 
     async def _check_directly(self, watch: _Watch) -> None:
         watch.directs += 1
         now = self._clock.monotonic()
         try:
-            image = await self._client.get(watch.image_id, priority=Priority.STATUS)
+            image = await self.look(watch.image_id)
         except (TransientApiError, RateLimitedError) as exc:
             self._log.warning("image.poll_failed", image_id=watch.image_id, reason=str(exc))
-        except RejectedError as exc:
-            if exc.status == 404:
-                exc = ImageVanishedError(
-                    "the image no longer exists (404): it was deleted while importing",
-                    status=404,
-                    method=exc.method,
-                    path=exc.path,
-                )
-            self._resolve(watch, exc)
-            return
         except ApiError as exc:
             self._resolve(watch, exc)
             return

@@ -5,12 +5,28 @@ the image or not. Sending it again could make a duplicate; not sending it could
 lose the entry. :class:`Reconciler` looks for the image by the entry's tag
 (see :mod:`importer.plan`) and says which: the image it found, or that it surely
 does not exist. It also removes extra copies, should a duplicate appear anyway.
+
+Absence needs evidence. A listing may miss an image for two reasons besides
+its absence: DigitalOcean may hide images still importing, and listings may lag
+behind creates. So "not listed" proves absence only in a listing asked for
+long enough after the create left (the journal's ``last_sent_at``, so that a
+rerun goes on waiting where the last run stopped, rather than from its start):
+
+* once listings are known to show importing images, the listing lag's bound
+  after it (:class:`~importer.poller.ListingLag`: twice the longest lag seen on
+  this run's own creates; before any is seen, the window below);
+* otherwise ``window`` after it: by then any image the create made has
+  finished, and is listed if it lives (a failed image is no duplicate).
+
+Deletions are journaled before each ``DELETE`` leaves and after it answers, so
+that the report names every image deleted, even by a run killed mid-request.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 import structlog
@@ -24,13 +40,27 @@ from importer.errors import (
     AuthenticationError,
     RejectedError,
 )
-from importer.journal import Journal
+from importer.journal import DeletionState, Journal
 from importer.plan import PlannedImport
 from importer.poller import StatusPoller
 
 Log = structlog.typing.FilteringBoundLogger
 #: How far DigitalOcean's clock may be from ours when comparing creation times.
 CLOCK_SKEW = 300.0
+
+
+@dataclass(frozen=True)
+class Swept:
+    """What :meth:`Reconciler.sweep` left of an entry's copies."""
+
+    #: The one live copy the entry keeps (available first, then the oldest);
+    #: ``None`` when none lives.
+    kept: Image | None
+    #: Every copy deleted, or whose ``DELETE`` left (the report names them all).
+    deleted: tuple[int, ...]
+    #: Extra live copies the API would not delete (still importing) before the
+    #: time they had to finish: left in the account, and reported.
+    left: tuple[int, ...]
 
 
 class Reconciler:
@@ -61,26 +91,37 @@ class Reconciler:
     async def find(self, item: PlannedImport, log: Log) -> Image | None:
         """The image an uncertain create made, or ``None`` once it surely does not exist.
 
-        An image still importing may be missing from listings (DigitalOcean does
-        not say), so "not listed" proves absence only once listings are known to
-        show importing images, or once ``window`` has passed: by then any image
-        the lost create made has finished, and is listed if it lives (failed
-        images drop out of listings, and a failed image is no duplicate). Errors
-        prove nothing: it asks again, however long the API takes to answer.
+        A live image found is adopted at once (extra copies are deleted). Absence
+        is concluded only from a listing asked for late enough after the create
+        left (see the module's doc). Then a failed image of the entry, if one was
+        listed, is the create's: it is returned, so that its error message is
+        reported rather than the entry being imported again. Errors prove
+        nothing: it asks again, however long the API takes to answer.
         """
-        give_up_at = self._clock.monotonic() + self._window
         delay = self._interval
         while True:
+            asked_at = self._clock.wall()
+            proven_at: float | None = None
             try:
                 images = await self._ours(item)
                 self._poller.learn(images)
                 live = [image for image in images if not image.has_failed]
                 if live:
-                    keep = min(live, key=lambda i: (not i.is_available, i.id))
-                    await self.remove_duplicates(item, keep=keep.id, log=log, live=live)
+                    keep = self._choose(item, live)
+                    await self._delete_extras(item, keep=keep, live=live, log=log)
                     return keep
-                if self._poller.lists_in_progress or await self._probe_listing():
-                    log.info("image.absent", tag=item.tag)
+                failed = [image for image in images if image.has_failed]
+                proven_at = self._absence_proven_at(item)
+                unsure = asked_at < proven_at and not self._poller.lists_in_progress
+                if unsure and await self._probe_listing():
+                    proven_at = self._absence_proven_at(item)
+                if failed and (asked_at >= proven_at or self._accounted_for(item, images)):
+                    # Every create is accounted for, or nothing else can be hiding:
+                    # the newest failure is what the create made.
+                    return max(failed, key=_age)
+                if asked_at >= proven_at:
+                    waited = asked_at - self._sent_at(item)
+                    log.info("image.absent", tag=item.tag, since_sent=round(waited, 3))
                     return None
             except (AuthenticationError, ApiUnreachableError):
                 raise
@@ -88,61 +129,151 @@ class Reconciler:
                 # An error proves nothing either way: ask again.
                 log.warning("image.reconcile_failed", error=exc.safe_message)
             else:
-                if self._clock.monotonic() >= give_up_at:
-                    log.info("image.absent", tag=item.tag, waited=self._window)
-                    return None
-                log.info("image.reconciling", tag=item.tag)
-            await self._clock.sleep(delay)
+                log.info("image.reconciling", tag=item.tag, absent_from=proven_at)
+            pause = delay
+            if proven_at is not None:
+                # No sooner than needed, and no later than when evidence can be had.
+                pause = min(delay, max(0.0, proven_at - self._clock.wall()))
+            await self._clock.sleep(pause)
             # The answer may be an hour away: ask less often as time goes by.
             delay = min(delay * 1.5, 8 * self._interval)
 
-    async def sweep(self, item: PlannedImport, *, keep: int, log: Log) -> tuple[int, ...]:
-        """After an uncertain create, leave the entry with no live image but ``keep``.
+    async def sweep(self, item: PlannedImport, *, polled: Image, log: Log) -> Swept:
+        """After an uncertain create, leave the entry with one live copy.
 
-        Asks until the API answers: an entry must not be finished with a duplicate
-        left behind. (A stop cancels the wait; the entry stays unfinished in the
-        journal, and the next run sweeps.)
+        ``polled`` is the entry's image as last seen (finished, failed, or still
+        importing at its timeout). Of every live copy (``polled`` among them, if
+        it lives), the one kept is available first, then the oldest; the others
+        are deleted. One the API refuses to delete yet (still importing) is
+        tried again every interval until the time every copy must have finished
+        (``window`` after the last create left), then left and reported. Other
+        errors prove nothing: it asks until the API answers. (A stop cancels the
+        wait; the entry stays unfinished in the journal, and the next run sweeps.)
         """
+        until = self._sent_at(item) + self._window
         while True:
             try:
-                return await self.remove_duplicates(item, keep=keep, log=log)
+                images = await self._ours(item)
+                self._poller.learn(images)
+                live = {image.id: image for image in images if not image.has_failed}
+                if polled.has_failed:
+                    live.pop(polled.id, None)
+                else:
+                    # The polled image as the run last saw it (listings may lag or hide it).
+                    live[polled.id] = polled
+                if not live:
+                    return Swept(None, self._deleted(item), ())
+                keep = self._choose(item, list(live.values()))
+                refused = await self._delete_extras(item, keep=keep, live=live.values(), log=log)
+                if not refused or self._clock.wall() >= until:
+                    if refused:
+                        log.warning("image.duplicates_left", image_ids=list(refused), kept=keep.id)
+                    return Swept(keep, self._deleted(item), refused)
+                log.info("image.duplicate_delete_later", image_ids=list(refused), kept=keep.id)
             except (AuthenticationError, ApiUnreachableError):
                 raise
             except ApiError as exc:
                 log.warning("image.duplicate_check_failed", error=exc.safe_message)
             await self._clock.sleep(self._interval)
 
-    async def remove_duplicates(
-        self, item: PlannedImport, *, keep: int, log: Log, live: Sequence[Image] | None = None
+    # -- keeping one copy -----------------------------------------------------------
+
+    def _choose(self, item: PlannedImport, live: Sequence[Image]) -> Image:
+        """The copy to keep: available first, then the oldest.
+
+        A copy this entry already set out to delete is kept only when no other
+        lives: its ``DELETE`` may have landed (a run killed while it was on the wire).
+        """
+        doomed = {deletion.image_id for deletion in self._journal.deletions(item.tag)}
+        candidates = [image for image in live if image.id not in doomed] or list(live)
+        return min(candidates, key=lambda image: (not image.is_available, *_age(image)))
+
+    async def _delete_extras(
+        self, item: PlannedImport, *, keep: Image, live: Iterable[Image], log: Log
     ) -> tuple[int, ...]:
-        """Delete the entry's live images other than ``keep``; all deleted so far."""
-        if live is None:
-            live = [image for image in await self._ours(item) if not image.has_failed]
-        extras = tuple(sorted(image.id for image in live if image.id != keep))
+        """Delete every live copy but ``keep``; the ids the API refused to delete yet.
+
+        Each ``DELETE`` is journaled before it leaves and after it answers.
+        """
+        extras = sorted({image.id for image in live} - {keep.id})
+        refused: list[int] = []
+        deleted: list[int] = []
         for image_id in extras:
-            log.warning("image.duplicate", image_id=image_id, kept=keep)
+            log.warning("image.duplicate", image_id=image_id, kept=keep.id)
+            self._journal.deleting(item.tag, image_id, self._clock.wall())
             try:
                 await self._client.delete(image_id)
             except RejectedError as exc:
-                if exc.status != 404:  # already gone is what we wanted
-                    raise
+                if exc.status == 404:  # already gone is what we wanted
+                    self._journal.deletion_result(image_id, DeletionState.GONE, self._clock.wall())
+                    deleted.append(image_id)
+                    continue
+                # Refused (a copy still importing cannot be deleted yet): not deleted.
+                self._journal.deletion_result(
+                    image_id, DeletionState.REFUSED, self._clock.wall(), exc.safe_message
+                )
+                log.warning("image.duplicate_refused", image_id=image_id, error=exc.safe_message)
+                refused.append(image_id)
+                continue
+            self._journal.deletion_result(image_id, DeletionState.DELETED, self._clock.wall())
+            deleted.append(image_id)
+        if deleted:
+            log.warning("image.duplicates_deleted", image_ids=deleted, kept=keep.id)
+        return tuple(refused)
+
+    def _deleted(self, item: PlannedImport) -> tuple[int, ...]:
         state = self._journal.get(item.tag)
-        known = state.duplicates if state is not None else ()
-        if not extras:
-            return known
-        deleted = tuple(sorted({*known, *extras}))
-        self._journal.duplicates(item.tag, deleted, self._clock.wall())
-        log.warning("image.duplicates_deleted", image_ids=list(extras), kept=keep)
-        return deleted
+        return state.duplicates if state is not None else ()
+
+    # -- evidence -------------------------------------------------------------------
+
+    def _sent_at(self, item: PlannedImport) -> float:
+        """When the entry's latest create left (wall time), as the journal says."""
+        state = self._journal.get(item.tag)
+        if state is not None:
+            for sent in (state.last_sent_at, state.first_sent_at):
+                if sent is not None:
+                    return sent
+        return self._clock.wall()
+
+    def _absence_proven_at(self, item: PlannedImport) -> float:
+        """From when (wall time) a listing without the entry's image proves it absent."""
+        wait = self._window
+        if self._poller.lists_in_progress:
+            wait = self._poller.lag.bound(self._window)
+        return self._sent_at(item) + wait
+
+    def _accounted_for(self, item: PlannedImport, listed: Sequence[Image]) -> bool:
+        """Whether every create that may have been processed has an image in sight.
+
+        Each create makes at most one image: as many images seen (listed, or
+        deleted by this entry) as creates sent leaves none hidden.
+        """
+        state = self._journal.get(item.tag)
+        if state is None:
+            return False
+        seen = {image.id for image in listed} | {
+            deletion.image_id for deletion in self._journal.deletions(item.tag)
+        }
+        return len(seen) >= state.creates_sent
 
     async def _ours(self, item: PlannedImport) -> list[Image]:
-        """The images with the entry's tag that this entry's creates may have made.
+        """The images with the entry's (and set's) tags that this entry's creates may have made.
 
-        An earlier import of the same entry (with another state file) carries the
-        same tag; it was created before this entry's first create left, and is
-        neither adopted nor deleted.
+        Only images of the version the creates were for: the entry's other
+        versions are rotation's business. An earlier import of the same entry and
+        version (with another state file) carries the same tags; it was created
+        before this entry's first create left, and is neither adopted nor deleted.
         """
-        images = await self._client.list(tag_name=item.tag)
+        images = [
+            image
+            for image in await self._client.list(tag_name=item.tag)
+            # Images without the set's tag are never the importer's to adopt or delete.
+            if item.set_tag in (image.tags or ())
+        ]
+        vtag = item.version_tag
+        if vtag is not None:
+            images = [image for image in images if vtag in (image.tags or ())]
         state = self._journal.get(item.tag)
         if state is None or state.first_sent_at is None:
             return images
@@ -167,3 +298,8 @@ def _created(image: Image) -> float:
         return datetime.fromisoformat(image.created_at.replace("Z", "+00:00")).timestamp()
     except ValueError:
         return math.inf
+
+
+def _age(image: Image) -> tuple[float, int]:
+    """Sorts images oldest first: by creation time, then by id (ids grow with time)."""
+    return (_created(image), image.id)

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from importer.catalog import API_URL_ENV, DEFAULT_API_URL, TOKEN_ENV
 from importer.errors import ConfigurationError, InvalidSettingError
+from importer.redact import redact_url
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,20 @@ def is_loopback(host: str) -> bool:
 
 def check_api_url(url: str) -> str:
     """``url`` without a trailing slash, if it is safe to send a bearer token to."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ConfigurationError(f"the API URL {redact_url(url)!r} is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigurationError(f"the API URL {url!r} is not an absolute http(s) URL")
+        raise ConfigurationError(f"the API URL {redact_url(url)!r} is not an absolute http(s) URL")
+    if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
+        # The token is the only credential sent; anything else in the URL would be
+        # written to reports and state files, where no secret belongs.
+        raise ConfigurationError(
+            f"the API URL {redact_url(url)!r} carries credentials, a query or a fragment; "
+            "give the base URL alone (scheme, host, optional port and path)"
+        )
     if parts.scheme == "http" and not is_loopback(parts.hostname):
         raise ConfigurationError(
             f"refusing to send the token over plain http to {parts.hostname}; "
@@ -89,6 +101,9 @@ class Settings:
     #: DigitalOcean's limits per token: 250 in any minute, 5,000 in any hour.
     per_minute: int = 250
     per_hour: int = 5000
+    #: How long a request counts against ``per_minute``: DigitalOcean's minute. Only a
+    #: simulator whose burst window was shortened (for tests) calls for another value.
+    minute_window: float = 60.0
     #: Share of both limits left to other users of the token (Terraform, CI...),
     #: on top of what the API's headers show they spend.
     reserve: float = 0.1
@@ -150,6 +165,7 @@ class Settings:
             "concurrency": self.concurrency,
             "per_minute": self.per_minute,
             "per_hour": self.per_hour,
+            "minute_window": self.minute_window,
             "max_attempts": self.max_attempts,
             "first_poll": self.first_poll,
             "poll_interval": self.poll_interval,

@@ -23,3 +23,11 @@ OPENAPI_PATH = SHARED / "digitalocean-images.openapi.yaml"
 def anyio_backend() -> tuple[str, dict[str, Any]]:
     """Run async tests on a loop whose time jumps forward whenever all tasks wait."""
     return ("asyncio", {"loop_factory": VirtualTimeLoop})
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--chaos-seeds",
+        default="1",
+        help="Comma-separated seeds for tests/test_chaos.py's other-side test (one run each).",
+    )

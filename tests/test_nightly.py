@@ -499,3 +499,51 @@ async def test_a_file_that_cannot_be_probed_tonight_keeps_its_image() -> None:
     assert [(r.outcome, r.action) for r in second.images] == [(Outcome.AVAILABLE, "unchanged")] * 3
     assert [r.image_id for r in second.images] == [r.image_id for r in first.images]
     assert set(sent) == {"GET /v2/images"}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("in_progress_listed", [True, False])
+async def test_an_import_in_flight_is_watched_when_its_host_cannot_be_probed(
+    in_progress_listed: bool,
+) -> None:
+    """Last night's import still running and its host unreachable tonight: watched, not redone."""
+    config = SimulatorConfig.demo(list_in_progress=in_progress_listed)
+    async with run_simulator(config) as sim:
+        document = manifest(sim, names=("web",))
+        with Journal(MEMORY) as journal:
+            first = await night(sim, document, journal=journal, settings={"image_timeout": 2.0})
+            # With the state kept (the journal knows the image, were it hidden from listings).
+            second = await night(sim, unreachable(document), journal=journal)
+        assert_converged(sim.world, names=("web",))
+        creates = posts(sim.world)
+    assert first.images[0].outcome is Outcome.TIMED_OUT
+    (web,) = second.images
+    assert (web.outcome, web.action, web.image_id) == (
+        Outcome.AVAILABLE,
+        "watch",
+        first.images[0].image_id,
+    )
+    assert creates == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("changed", [False, True])
+async def test_an_image_taken_out_of_the_set_is_never_touched(changed: bool) -> None:
+    """A person takes the set tag off an image to keep it: later runs neither rename nor
+    delete it, even when its group number is used again."""
+    async with run_simulator(SimulatorConfig.demo()) as sim:
+        first = await night(sim, manifest(sim, names=("web",), keep=1))
+        kept = first.images[0].image_id
+        assert kept is not None
+        sim.world.untag_image(kept, set_tag(SET))
+        if changed:
+            sim.world.change_file("web.qcow2")
+        second = await night(sim, manifest(sim, names=("web",), keep=1))
+        outside = sim.world.images[kept]
+        assert_converged(sim.world, names=("web",))
+    (web,) = second.images
+    assert (outside.deleted_by_user, outside.name) == (False, "web")
+    assert web.outcome is Outcome.AVAILABLE
+    assert web.image_id != kept
+    assert web.deleted == ()
+    assert kept not in {r.image_id for r in web.renamed}

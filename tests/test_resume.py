@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,7 @@ async def test_uncertain_create_found_by_tag_is_adopted(
     """A journaled create with no answer whose image exists is adopted, never sent again."""
     state = tmp_path / "state.sqlite"
     with Journal(state) as journal:
-        journal.creating(PLAN[0].tag, "img-0", "nyc3", 0.0)
+        journal.creating(PLAN[0].tag, "img-0", "nyc3", time.time())  # just now
     config = SimulatorConfig.demo(list_in_progress=list_in_progress)
     async with run_simulator(config) as sim:
         made = create_in_world(sim.world, 0)
@@ -104,7 +105,7 @@ async def test_uncertain_create_that_made_nothing_is_sent_again(tmp_path: Path) 
     """A journaled create that made no image is resubmitted once it is surely absent."""
     state = tmp_path / "state.sqlite"
     with Journal(state) as journal:
-        journal.creating(PLAN[0].tag, "img-0", "nyc3", 0.0)
+        journal.creating(PLAN[0].tag, "img-0", "nyc3", time.time())  # just now
     async with run_simulator(SimulatorConfig.demo()) as sim:
         settings = settings_for(sim.base_url, state_path=state, reconcile_window=120.0)
         with capture_logs() as logs:
@@ -120,7 +121,7 @@ async def test_duplicates_found_by_tag_are_deleted_and_reported(tmp_path: Path) 
     """Two images for one uncertain entry: one is kept, the extra deleted and reported."""
     state = tmp_path / "state.sqlite"
     with Journal(state) as journal:
-        journal.creating(PLAN[0].tag, "img-0", "nyc3", 0.0)
+        journal.creating(PLAN[0].tag, "img-0", "nyc3", time.time())  # just now
     config = SimulatorConfig.demo(list_in_progress=True)
     async with run_simulator(config) as sim:
         first, second = create_in_world(sim.world, 0), create_in_world(sim.world, 0)
@@ -322,7 +323,7 @@ async def test_a_stop_while_reconciling_reports_pending_and_counts_the_create_on
     """Stopped mid-reconciliation twice: `pending` each time, the create counted uncertain once."""
     state = tmp_path / "state.sqlite"
     with Journal(state) as journal:
-        journal.creating(PLAN[0].tag, "img-0", "nyc3", 0.0)
+        journal.creating(PLAN[0].tag, "img-0", "nyc3", time.time())  # just now
     async with run_simulator(SimulatorConfig.demo()) as sim:
         for _ in range(2):
             settings = settings_for(sim.base_url, state_path=state, deadline=30)

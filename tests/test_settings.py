@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from importer.cli import main
 from importer.errors import ConfigurationError, InvalidSettingError
 from importer.pipeline import run_import
 from importer.settings import Settings, Token, check_api_url
@@ -119,3 +121,34 @@ def test_setting_errors_can_speak_in_flag_names() -> None:
     with pytest.raises(InvalidSettingError) as caught:
         Settings(token=Token("t"), image_timeout=0)
     assert str(caught.value.renamed("--timeout")) == "--timeout must be positive, got 0"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://u:PWSECRET@127.0.0.1:9",
+        "https://user@api.example.com",
+        "http://127.0.0.1:9/?key=QSECRET",
+        "https://api.example.com/#frag",
+        "http://127.0.0.1:notaport",
+    ],
+)
+def test_api_urls_with_credentials_a_query_or_a_bad_port_are_refused(url: str) -> None:
+    """Only the base URL is accepted: nothing secret can reach a report or a state file."""
+    with pytest.raises(ConfigurationError) as caught:
+        check_api_url(url)
+    assert "SECRET" not in str(caught.value)
+
+
+def test_the_cli_refuses_an_api_url_with_credentials_in_one_line(tmp_path: Path) -> None:
+    """`run --api-url` with a password: exit 2, one line, the password not shown."""
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text("images:\n  - {name: a, url: 'https://h/a.raw', region: nyc3}\n")
+    result = CliRunner().invoke(
+        main,
+        ["run", str(manifest), "--api-url", "http://u:PWSECRET@127.0.0.1:9/?key=QSECRET"],
+        env={"DIGITALOCEAN_TOKEN": "tok123456"},
+    )
+    assert result.exit_code == 2
+    assert "SECRET" not in result.output
+    assert len(result.output.strip().splitlines()) == 1

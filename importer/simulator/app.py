@@ -66,6 +66,7 @@ def create_app(world: World) -> web.Application:
     app.router.add_get("/v2/actions/{id}", _get_action, allow_head=False)
     app.router.add_get("/_files/{filename}", _file)
     app.router.add_get("/_simulator/state", _state)
+    app.router.add_get("/_simulator/answers", _answers, allow_head=False)
     app.router.add_get("/_simulator/files/{filename}", _file_state, allow_head=False)
     app.router.add_post("/_simulator/files/{filename}/change", _change_file)
     app.router.add_put("/_simulator/files/{filename}/head", _set_file_head)
@@ -446,6 +447,11 @@ def _text_file(request: web.Request, text: str) -> web.Response:
 
 async def _state(request: web.Request) -> web.Response:
     return web.json_response(request.app[WORLD].state())
+
+
+async def _answers(request: web.Request) -> web.Response:
+    """``GET /_simulator/answers``: every ``/v2`` request's arrival, status and retry-after."""
+    return web.json_response(request.app[WORLD].answers_json())
 
 
 def _loopback_only(request: web.Request) -> None:

@@ -802,6 +802,16 @@ class World:
             return False
         return self.clock.monotonic() - failed >= purge_after
 
+    def untag_image(self, image_id: int, tag: str) -> None:
+        """Take ``tag`` off an image, as a person does with DigitalOcean's tag resources
+        (``DELETE /v2/tags/{tag}/resources``; not served here: tests call this)."""
+        image = self.get_image(image_id)
+        image.tags = tuple(t for t in image.tags if t != tag)
+        # The listing index files images by tag once; rare enough to rebuild.
+        self._listing = ListingIndex()
+        for known in sorted(self.images):
+            self._listing.add(self.images[known])
+
     def delete_image(self, image_id: int) -> None:
         image = self.get_image(image_id)
         if self.config.refuse_delete_importing and image.import_status in ("NEW", "pending"):
@@ -1021,6 +1031,21 @@ class World:
             "other_client": {"sent": self.other_sent, "rate_limited": self.other_rate_limited},
             "faults": dict(self.fault_counts),
             "now": self.clock.wall(),
+        }
+
+    def answers_json(self) -> Json:
+        """``answers`` as JSON, for ``GET /_simulator/answers``; times on the monotonic clock."""
+        return {
+            "answers": [
+                {
+                    "at": answer.at,
+                    "route": answer.route,
+                    "status": answer.status,
+                    "retry_after": answer.retry_after,
+                }
+                for answer in self.answers
+            ],
+            "now": self.clock.monotonic(),
         }
 
     # -- persistence ----------------------------------------------------------
