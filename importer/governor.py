@@ -342,7 +342,7 @@ class Governor:
         *,
         concurrency: int,
         windows: Sequence[Window],
-        margin: float = 1.0,
+        margin: float = 0.25,
         forecast: StatusForecast | None = None,
         default_pause: float = 2.0,
         max_probe_pause: float = 60.0,

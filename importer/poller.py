@@ -139,6 +139,11 @@ LISTINGS_PER_GROUP = 1.5
 PRIOR_SPREAD = 0.25
 #: ...and chosen again this often (seconds).
 RETUNE_EVERY = 60.0
+#: With no create left to send and at most this many images to wait for (or this share of
+#: those of the run), the interval is this share of ``poll_interval``.
+ENDGAME_IMAGES = 5
+ENDGAME_SHARE_OF_RUN = 0.02
+ENDGAME_SHARE = 1 / 3
 #: Finished groups whose lives the budget counts on, once this many (of the latest kept).
 MIN_LIVES = 3
 LIVES_KEPT = 50
@@ -312,6 +317,8 @@ class StatusPoller:
         # How long finished groups needed listing, relative to the fitted import of their
         # largest file: what the budget counts on for the groups to come.
         self._lives: deque[float] = deque(maxlen=LIVES_KEPT)
+        # Images waited for in this run, in all.
+        self._watched = 0
         # And how many listings each needed before one found an import finished.
         self._before_found: deque[int] = deque(maxlen=LIVES_KEPT)
         self._queue: list[tuple[float, int, int]] = []  # (due, sequence, image id)
@@ -370,6 +377,7 @@ class StatusPoller:
             last_unfinished=submitted if fresh else None,
         )
         self._watches[image_id] = watch
+        self._watched += 1
         members = self._groups.setdefault(group, _Group())
         members.add(watch)
         self._schedule(watch, self._first_check(watch, now))
@@ -425,6 +433,10 @@ class StatusPoller:
                 # unless they miss it by little (the forecast errs), the interval stays.
                 fits = fixed + spread / slowest <= spare * HOPELESS
                 interval = min(slowest, spread / max(spare - fixed, 1e-9)) if fits else fastest
+        elif len(self._watches) <= max(ENDGAME_IMAGES, ENDGAME_SHARE_OF_RUN * self._watched):
+            # Every create sent and few images left: the last one seen is the run's end,
+            # and checks cost no create any more.
+            interval = fastest * ENDGAME_SHARE
         if interval != self._interval:
             self._log.info("poll.interval", seconds=round(interval, 1), creates_left=creates)
             self._interval = interval
