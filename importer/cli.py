@@ -50,7 +50,7 @@ from importer.errors import (
     Problem,
     UsageError,
 )
-from importer.journal import MEMORY, Journal
+from importer.journal import MEMORY, PRIVATE, Journal
 from importer.live import LiveView
 from importer.logs import LogFormat, configure_logging
 from importer.manifest import Manifest, load_manifest, parse_manifest
@@ -427,7 +427,7 @@ def run(
     configure_logging(log_format, secrets=[token.value], level=level)
     try:
         # Opened (and locked) before anything starts, so a refusal is just a message.
-        journal = Journal(settings.state_path or MEMORY)
+        journal = Journal(settings.state_path or PRIVATE)
     except ImporterError as error:  # the state file is locked or unusable
         _die(error, log_format)
     # The view is up only while the run is: messages before and after it print plainly.

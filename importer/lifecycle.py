@@ -208,6 +208,9 @@ class EntryLifecycle:
     the run keeps its progress counts as they change (:mod:`importer.progress`).
     """
 
+    # One per manifest entry, for the whole run: no per-instance dictionary.
+    __slots__ = ("_clock", "_journal", "_log", "_observer", "_result", "_turn", "item", "state")
+
     def __init__(
         self,
         item: PlannedImport,

@@ -70,7 +70,7 @@ from importer.errors import (
 from importer.governor import Governor, Window
 from importer.identity import entry_tag, set_tag
 from importer.inventory import Inventory, entry_tag_of, group_tag_of, read_inventory
-from importer.journal import MEMORY, DeletionState, EntryState, Journal, Phase
+from importer.journal import MEMORY, PRIVATE, DeletionState, EntryState, Journal, Phase
 from importer.lifecycle import EntryLifecycle, State, Turn
 from importer.manifest import Entry, Manifest
 from importer.order import LargestFirst
@@ -974,7 +974,7 @@ async def run_import(
     with contextlib.ExitStack() as stack:
         stack.enter_context(_collector_for_a_run())
         if journal is None:
-            journal = stack.enter_context(Journal(settings.state_path or MEMORY))
+            journal = stack.enter_context(Journal(settings.state_path or PRIVATE))
         async with ImagesClient.open(settings, governor, clock, rng=rng) as client:
             poller = StatusPoller(
                 client,

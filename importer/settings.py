@@ -142,7 +142,8 @@ class Settings:
     #: How often a progress line is logged.
     progress_interval: float = 30.0
     report_path: Path = Path("import-report.json")
-    #: The journal; ``None`` keeps it in memory (nothing to resume from).
+    #: The journal; ``None`` keeps it in a private temporary file, deleted at the end
+    #: (nothing to resume from).
     state_path: Path | None = None
 
     @property

@@ -135,23 +135,26 @@ class SourceProber:
         :meth:`stream` or :meth:`probe_all`. Closing the other end is no error: probing
         stops when the next result finds no reader (cancel the task group to stop at once).
         """
-        limiter = anyio.CapacityLimiter(self._concurrency)
         sums = _ChecksumsCache(self._fetch_checksums)
         # Identity: a host compressing on the fly would announce the compressed length.
         headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
+        # A few workers take the entries in turn: a task per entry, waiting its turn, would
+        # hold some kilobytes each for 50,000 entries at once.
+        todo = iter(entries)
         async with send, aiohttp.ClientSession(headers=headers) as session:
 
-            async def one(entry: Entry) -> None:
-                async with limiter:
+            async def worker() -> None:
+                for entry in todo:
                     info = await self._probe_one(session, sums, entry)
-                try:
-                    await send.send(info)
-                except anyio.BrokenResourceError:
-                    tg.cancel_scope.cancel()  # nobody reads the results any more
+                    try:
+                        await send.send(info)
+                    except anyio.BrokenResourceError:
+                        tg.cancel_scope.cancel()  # nobody reads the results any more
+                        return
 
             async with anyio.create_task_group() as tg:
-                for entry in entries:
-                    tg.start_soon(one, entry)
+                for _ in range(min(self._concurrency, len(entries))):
+                    tg.start_soon(worker)
 
     @asynccontextmanager
     async def stream(
