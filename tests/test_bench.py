@@ -13,6 +13,7 @@ from importer.pipeline import run_import
 from importer.report import Outcome
 from importer.settings import Settings, Token
 from importer.simulator import SimulatorConfig, run_simulator
+from importer.simulator.world import GIB
 from importer.sizing import HeadSizer
 from tests.perf.bench import (
     EPOCH,
@@ -27,6 +28,7 @@ from tests.perf.bench import (
     measure_strong,
     percentile,
     request_limits,
+    size_ordered,
 )
 from tests.perf.windows import RequestLog, fastest_sends
 
@@ -146,6 +148,23 @@ def test_bounds_of_the_bench_manifest() -> None:
     assert found.creates_only <= found.detection_allowed
     assert found.detection_full <= found.detection_allowed
     assert found.creates_only == found.detection_allowed == found.detection_full
+
+
+def test_the_ideal_orders_by_size_and_the_bound_by_duration() -> None:
+    """Two creates a minute (at 0, 0, 60 s): the bound gives the longest import the first
+    slot (done at 100 s); the ideal gives it to the largest file, and the smallest file's
+    import, the longest, leaves last (done at 160 s)."""
+    planned = [(3 * GIB, 10.0), (2 * GIB, 20.0), (1 * GIB, 100.0)]
+    durations = [took for _, took in planned]
+    assert detection_bound(durations, 2, 100) == 100.0
+    assert size_ordered(planned, 2, 100) == 160.0
+
+
+def test_the_ideal_at_3000_images_is_out_of_reach_of_the_bound() -> None:
+    """At 3,000 images the last creates decide the makespan: a perfect run by file size is
+    more than 5% over the bound, which orders by the import times no tool knows."""
+    found = bounds(3000, Scenario())
+    assert found.ideal > 1.05 * found.detection_allowed
 
 
 def test_bounds_at_4500_images_wait_for_the_hour() -> None:

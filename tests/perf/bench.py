@@ -18,7 +18,9 @@ image host that takes ``HEAD_LATENCY`` to answer a ``HEAD``:
   could be available at the earliest (``creates only``), and when the last could be *seen*
   available at the earliest, counting the status requests any tool needs, at the rate the
   importer allows itself (``+listings, allowed``: the ``x bound`` column) and at the full
-  250/5,000 (``+listings, full``: the ``x full`` column).
+  250/5,000 (``+listings, full``: the ``x full`` column);
+* the **ideal** (:func:`size_ordered`): a perfect run at the allowed rate that orders the
+  creates by file size, which is all a tool can know in advance (``x ideal``).
 
 ``--weather`` runs the same with 2% of API answers a 5xx, 1% of creates losing their
 answer after making the image, and another tool spending 20% of the token's hour (a
@@ -245,7 +247,12 @@ def lower_bound(durations: Sequence[float], per_minute: int, per_hour: int) -> f
 
 
 def detection_bound(
-    durations: Sequence[float], per_minute: int, per_hour: int, per_page: int = PER_PAGE
+    durations: Sequence[float],
+    per_minute: int,
+    per_hour: int,
+    per_page: int = PER_PAGE,
+    *,
+    in_order: bool = False,
 ) -> float:
     """The earliest moment a tool could have *seen* every image available.
 
@@ -254,12 +261,34 @@ def detection_bound(
     sends at least one status request per ``per_page`` images, and its last one after the
     last image is available. Its last request goes no earlier than the fastest pace of the
     windows allows that many requests, and no earlier than :func:`lower_bound`.
+
+    ``in_order``: the creates leave in the order given rather than longest import first
+    (:func:`size_ordered`).
     """
     if not durations:
         return 0.0
     requests = len(durations) + math.ceil(len(durations) / per_page)
     *_, last_send = _fastest_sends(requests, per_minute, per_hour)
-    return max(lower_bound(durations, per_minute, per_hour), last_send)
+    if in_order:
+        sends = _fastest_sends(len(durations), per_minute, per_hour)
+        finished = max(sent + took for sent, took in zip(sends, durations, strict=True))
+    else:
+        finished = lower_bound(durations, per_minute, per_hour)
+    return max(finished, last_send)
+
+
+def size_ordered(planned: Sequence[tuple[int, float]], per_minute: int, per_hour: int) -> float:
+    """:func:`detection_bound` with the creates sent largest file first, not longest import.
+
+    ``planned``: each image's (file size, import duration). The bounds give the earliest
+    slots to the imports that *will* take longest, which no tool can know: two files of
+    one size import in times up to 30% apart in the simulator, as on a real service. A
+    tool can know the sizes; this is the makespan of a perfect run ordered by them (no
+    latency, listings costing nothing before the last image). It is not a bound (a lucky
+    order can beat it) but the mark a tool that knows only sizes is held to (``x ideal``).
+    """
+    ordered = sorted(planned, key=lambda pair: -pair[0])  # stable: ties in manifest order
+    return detection_bound([took for _, took in ordered], per_minute, per_hour, in_order=True)
 
 
 def _fastest_sends(count: int, per_minute: int, per_hour: int) -> Iterator[float]:
@@ -280,12 +309,17 @@ def planned_durations(world: World, manifest: Manifest) -> list[float]:
     The same as ``available_at - created_at`` of the images a run makes: the simulator
     decides an import's fate from the seed, the URL's path and the name alone.
     """
-    durations = []
+    return [took for _, took in planned_imports(world, manifest)]
+
+
+def planned_imports(world: World, manifest: Manifest) -> list[tuple[int, float]]:
+    """Each successful import's (file size, duration), in manifest order."""
+    planned = []
     for entry in manifest.entries:
         ready = world.plan_import(entry.name, entry.url).ready_after
         if ready is not None:
-            durations.append(ready)
-    return durations
+            planned.append((world.file_size(entry.url.rsplit("/", 1)[-1]), ready))
+    return planned
 
 
 @dataclass(frozen=True)
@@ -300,6 +334,8 @@ class Bounds:
     detection_allowed: float
     #: The same at the token's full rate, less what another tool takes (``x full``).
     detection_full: float
+    #: A perfect run at the allowed rate ordered by file size (``x ideal``): :func:`size_ordered`.
+    ideal: float
     allowed_limits: tuple[int, int]
     full_limits: tuple[int, int]
 
@@ -307,7 +343,8 @@ class Bounds:
 def bounds(images: int, scenario: Scenario) -> Bounds:
     """The bounds of ``images`` bench entries in ``scenario``, from the planned durations."""
     world = World(scenario.simulator_config(), LoopClock())  # plans only: the clock is unread
-    durations = planned_durations(world, bench_manifest("http://bench.invalid", images))
+    planned = planned_imports(world, bench_manifest("http://bench.invalid", images))
+    durations = [took for _, took in planned]
     allowed, full = scenario.allowed_limits(), scenario.full_limits()
     return Bounds(
         images=images,
@@ -315,6 +352,7 @@ def bounds(images: int, scenario: Scenario) -> Bounds:
         creates_only=lower_bound(durations, *allowed),
         detection_allowed=detection_bound(durations, *allowed),
         detection_full=detection_bound(durations, *full),
+        ideal=size_ordered(planned, *allowed),
         allowed_limits=allowed,
         full_limits=full,
     )
@@ -365,6 +403,8 @@ class Measurement:
     scenario: str = "calm"
     #: The detection-aware bound at the token's full rate (``x full``).
     full_bound: float | None = None
+    #: A perfect run ordered by file size at the allowed rate (``x ideal``).
+    ideal: float | None = None
     #: Images beyond one per entry still there at the end (not deleted, not failed).
     duplicates: int = 0
     #: Requests (and 429s) of the other tool on the token, left out of the figures above.
@@ -398,6 +438,12 @@ class Measurement:
             return None
         return self.makespan / self.full_bound
 
+    @property
+    def ideal_ratio(self) -> float | None:
+        if self.makespan is None or not self.ideal:
+            return None
+        return self.makespan / self.ideal
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data.update(
@@ -405,6 +451,7 @@ class Measurement:
             requests_per_image=self.requests_per_image,
             makespan_ratio=self.makespan_ratio,
             full_ratio=self.full_ratio,
+            ideal_ratio=self.ideal_ratio,
         )
         return data
 
@@ -592,6 +639,7 @@ async def measure_importer(
         capped=None,
         lower_bound=limits.detection_allowed,
         full_bound=limits.detection_full,
+        ideal=limits.ideal,
         durations=durations,
         thread_jobs=_thread_jobs(loop) - jobs_before,
     )
@@ -700,6 +748,7 @@ async def measure_baseline(
         capped=capped if unfinished else None,
         lower_bound=limits.detection_allowed,
         full_bound=limits.detection_full,
+        ideal=limits.ideal,
         thread_jobs=_thread_jobs(loop) - jobs_before,
     )
 
@@ -794,7 +843,8 @@ class Group:
 def format_table(groups: Sequence[Group]) -> str:
     """The groups as one text table, each size's bounds before its tools, with footnotes."""
     header = (
-        "N", "scenario", "tool", "finished", "makespan s", "x bound", "x full", "req/image",
+        "N", "scenario", "tool", "finished", "makespan s", "x bound", "x full", "x ideal",
+        "req/image",
         "429s", "dupes", "lag p50 s", "lag p95 s", "CPU s", "CPU ms/img", "RSS MB", "wall s",
     )  # fmt: skip
     lines: list[tuple[str, ...]] = [header]
@@ -805,11 +855,13 @@ def format_table(groups: Sequence[Group]) -> str:
             ("bound: creates only", b.creates_only),
             ("bound: +listings, allowed", b.detection_allowed),
             ("bound: +listings, full", b.detection_full),
+            ("ideal: largest file first", b.ideal),
         ):
             lines.append(
                 (n, b.scenario, name, "-", _number(value),
                  _number(value / b.detection_allowed, 2) if b.detection_allowed else "-",
                  _number(value / b.detection_full, 2) if b.detection_full else "-",
+                 _number(value / b.ideal, 2) if b.ideal else "-",
                  "-", "-", "-", "-", "-", "-", "-", "-", "-")
             )  # fmt: skip
         for row in group.rows:
@@ -819,15 +871,17 @@ def format_table(groups: Sequence[Group]) -> str:
             if row.complete:
                 makespan = _number(row.makespan)
                 ratio, full = _number(row.makespan_ratio, 2), _number(row.full_ratio, 2)
+                ideal = _number(row.ideal_ratio, 2)
             elif row.capped is not None:
                 makespan = f"> {row.ran:,.0f}"
                 ratio = f"> {row.ran / row.lower_bound:.2f}" if row.lower_bound else "-"
                 full = f"> {row.ran / row.full_bound:.2f}" if row.full_bound else "-"
+                ideal = f"> {row.ran / row.ideal:.2f}" if row.ideal else "-"
             else:
-                makespan, ratio, full = "never", "-", "-"
+                makespan, ratio, full, ideal = "never", "-", "-", "-"
             per_image = 1000 * row.cpu_seconds / row.images if row.images else None
             lines.append(
-                (n, row.scenario, row.tool, finished, makespan, ratio, full,
+                (n, row.scenario, row.tool, finished, makespan, ratio, full, ideal,
                  _number(row.requests_per_image, 2), f"{row.rate_limited:,}", str(row.duplicates),
                  _number(row.lag_p50, 1), _number(row.lag_p95, 1), _number(row.cpu_seconds, 1),
                  _number(per_image, 2), _number(row.peak_rss_mb, 0), _number(row.wall_seconds, 1))
@@ -853,6 +907,9 @@ def format_table(groups: Sequence[Group]) -> str:
         "  the last after the last image is available: at the allowed rate ('x bound' is",
         "  relative to it) and at the token's full rate ('x full'), less another tool's share",
         "  in weather.",
+        "ideal: largest file first: a perfect run ordered by file size, the most a tool can",
+        "  know in advance (the bounds order by the actual import times, which vary by up to",
+        "  30% between files of one size); not a bound, the mark for 'x ideal'.",
         "req/image, 429s: the tool's own requests (another tool's in weather are left out).",
         "dupes: images beyond one per entry still there at the end.",
         "lag: simulated seconds from the image turning available to the tool recording it.",
