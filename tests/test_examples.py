@@ -332,11 +332,11 @@ def test_github_actions_workflow_runs_against_the_simulator(
     assert uploaded == {flag(command, name) for name in ("--report", "--junit", "--markdown")}
 
 
-def test_readme_links_every_example_under_running_it_nightly() -> None:
-    """Each file of examples/ (and the Containerfile) is linked in "Running it nightly"."""
+def test_readme_links_every_example_under_ready_examples() -> None:
+    """Each file of examples/ (and the Containerfile) is linked in "Ready examples"."""
     readme = (ROOT / "README.md").read_text()
-    start = readme.index("## Running it nightly")
-    section = readme[start : readme.index("\n## ", start + 1)]
+    start = readme.index("### Ready examples for schedulers")
+    section = readme[start : readme.index("\n#", start + 1)]
     linked = set(re.findall(r"\]\(([^)]+)\)", section))
     expected = {f"examples/{p.name}" for p in EXAMPLES.iterdir()} | {"Containerfile"}
     assert linked == expected
