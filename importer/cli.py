@@ -174,6 +174,34 @@ def _output_options(command: FC) -> FC:
     return command
 
 
+def _log_format_option(command: FC) -> FC:
+    """``--log-format``, the same for every command that logs."""
+    option = click.option(
+        "--log-format",
+        type=click.Choice(["console", "json"]),
+        default="console",
+        show_default=True,
+        help="Human-readable logs, or JSON lines.",
+    )
+    return option(command)
+
+
+def _api_options(command: FC) -> FC:
+    """``--api-url`` and ``--token-file``: where the API is and who to be, for ``run`` and
+    ``plan``."""
+    token_file = click.option(
+        "--token-file",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help=f"Read the API token from this file instead of ${TOKEN_ENV}.",
+    )
+    api_url = click.option(
+        "--api-url",
+        default=None,
+        help=f"API base URL [default: ${API_URL_ENV} or https://api.digitalocean.com].",
+    )
+    return api_url(token_file(command))
+
+
 def _check_outputs(outputs: Outputs, log_format: LogFormat) -> None:
     """Refuse, before anything runs, an output that could not be written at the end."""
     for flag, path in outputs.paths():
@@ -224,16 +252,7 @@ def validate(manifest: Path) -> None:
     is_flag=True,
     help="With --simulate: run on virtual time, so minutes of imports take moments.",
 )
-@click.option(
-    "--api-url",
-    default=None,
-    help=f"API base URL [default: ${API_URL_ENV} or https://api.digitalocean.com].",
-)
-@click.option(
-    "--token-file",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help=f"Read the API token from this file instead of ${TOKEN_ENV}.",
-)
+@_api_options
 @click.option(
     "--concurrency",
     type=click.IntRange(2, 256),
@@ -309,13 +328,7 @@ def validate(manifest: Path) -> None:
     is_flag=True,
     help="Delete the set's images whose entry left the manifest [default: only report them].",
 )
-@click.option(
-    "--log-format",
-    type=click.Choice(["console", "json"]),
-    default="console",
-    show_default=True,
-    help="Human-readable logs, or JSON lines.",
-)
+@_log_format_option
 @_output_options
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and the final summary.")
 @click.option("-v", "--verbose", is_flag=True, help="Every log line, debug ones too.")
@@ -501,13 +514,7 @@ _REPORT_FIX = "pass --report a path in a directory you can write to, or - for st
     "to stderr).",
 )
 @_output_options
-@click.option(
-    "--log-format",
-    type=click.Choice(["console", "json"]),
-    default="console",
-    show_default=True,
-    help="Human-readable logs, or JSON lines.",
-)
+@_log_format_option
 def status(
     state_path: Path,
     report_path: Path | None,
@@ -686,16 +693,7 @@ def _on_signal(
     is_flag=True,
     help="Plan against the built-in simulator (its account is kept beside --state).",
 )
-@click.option(
-    "--api-url",
-    default=None,
-    help=f"API base URL [default: ${API_URL_ENV} or https://api.digitalocean.com].",
-)
-@click.option(
-    "--token-file",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help=f"Read the API token from this file instead of ${TOKEN_ENV}.",
-)
+@_api_options
 @click.option(
     "--json",
     "json_path",
@@ -708,13 +706,7 @@ def _on_signal(
     is_flag=True,
     help="Plan as `run --prune` would: orphaned images counted as deletions.",
 )
-@click.option(
-    "--log-format",
-    type=click.Choice(["console", "json"]),
-    default="console",
-    show_default=True,
-    help="Human-readable logs, or JSON lines.",
-)
+@_log_format_option
 def plan_command(
     manifest: Path,
     state_path: Path | None,
@@ -965,13 +957,7 @@ def _fault_options(command: FC) -> FC:
     help="Whether DELETE of an image still importing answers 422 [default: allowed].",
 )
 @_fault_options
-@click.option(
-    "--log-format",
-    type=click.Choice(["console", "json"]),
-    default="console",
-    show_default=True,
-    help="Human-readable logs, or JSON lines.",
-)
+@_log_format_option
 def simulate(
     host: str,
     port: int,
