@@ -15,8 +15,19 @@ rerun goes on waiting where the last run stopped, rather than from its start):
 * once listings are known to show importing images, the listing lag's bound
   after it (:class:`~importer.poller.ListingLag`: twice the longest lag seen on
   this run's own creates; before any is seen, the window below);
-* otherwise ``window`` after it: by then any image the create made has
+* otherwise (listings may hide importing images, so an image the create made
+  shows only once its import is done): once an import of its size would be done
+  by a wide margin over the longest seen in this run (:class:`HiddenBound`),
+  and at most ``window`` after it. Before enough imports have been seen
+  finishing, ``window`` after it: by then any image the create made has
   finished, and is listed if it lives (a failed image is no duplicate).
+
+A learned bound is evidence from this run's imports, not a promise of the
+API's: an import could stay hidden longer than any seen. So when absence was
+concluded before ``window``, :meth:`Reconciler.linger` keeps looking for a late
+copy after the entry has ended, until ``window`` after that create left (or
+until every create is accounted for), and deletes it: the entry's image stays
+the one it ended with, and the copy is reported under ``duplicates_deleted``.
 
 Deletions are journaled before each ``DELETE`` leaves and after it answers, so
 that the report names every image deleted, even by a run killed mid-request.
@@ -42,11 +53,36 @@ from importer.errors import (
 )
 from importer.journal import DeletionState, Journal
 from importer.plan import PlannedImport
-from importer.poller import StatusPoller
+from importer.poller import DurationModel, StatusPoller
 
 Log = structlog.typing.FilteringBoundLogger
 #: How far DigitalOcean's clock may be from ours when comparing creation times.
 CLOCK_SKEW = 300.0
+
+
+@dataclass(frozen=True)
+class HiddenBound:
+    """How long a hidden import of a given size may stay out of listings, from this run.
+
+    An import is seen done ``fit(size) * ratio`` after it was sent, where ``ratio``
+    is at most the longest seen relative to the fit (the model's durations run
+    from the send to the listing that showed it done, so they include the
+    listing's lag and the polling delay). The bound is ``FACTOR`` times that,
+    counting a ratio of at least ``MIN_RATIO`` (the first imports seen finishing
+    are the quickest), once ``MIN_SAMPLES`` imports have been seen finishing,
+    plus one poll interval; before that there is none.
+    """
+
+    FACTOR = 1.5
+    MIN_RATIO = 1.25
+    MIN_SAMPLES = 10
+
+    @classmethod
+    def of(cls, model: DurationModel, size: int | None, interval: float) -> float | None:
+        if model.samples < cls.MIN_SAMPLES:
+            return None
+        longest = model.fit(size) * max(model.slowest_ratio, cls.MIN_RATIO)
+        return cls.FACTOR * longest + interval
 
 
 @dataclass(frozen=True)
@@ -87,6 +123,9 @@ class Reconciler:
         self._importing_group = importing_group
         # One probe per interval serves every entry being reconciled.
         self._probed_at = -math.inf
+        # Entries whose absence was concluded before ``window`` (a learned bound): a
+        # hidden copy could still turn up until this wall time (see linger).
+        self._late_until: dict[str, float] = {}
 
     async def find(self, item: PlannedImport, log: Log) -> Image | None:
         """The image an uncertain create made, or ``None`` once it surely does not exist.
@@ -120,8 +159,12 @@ class Reconciler:
                     # the newest failure is what the create made.
                     return max(failed, key=_age)
                 if asked_at >= proven_at:
-                    waited = asked_at - self._sent_at(item)
-                    log.info("image.absent", tag=item.tag, since_sent=round(waited, 3))
+                    sent = self._sent_at(item)
+                    if asked_at < sent + min(self._window, self._listed_wait()):
+                        # Concluded on the imports seen, which a hidden import could outlast.
+                        until = max(self._late_until.get(item.tag, -math.inf), sent + self._window)
+                        self._late_until[item.tag] = until
+                    log.info("image.absent", tag=item.tag, since_sent=round(asked_at - sent, 3))
                     return None
             except (AuthenticationError, ApiUnreachableError):
                 raise
@@ -176,6 +219,40 @@ class Reconciler:
                 log.warning("image.duplicate_check_failed", error=exc.safe_message)
             await self._clock.sleep(self._interval)
 
+    async def linger(self, item: PlannedImport, *, keep: int, log: Log) -> tuple[int, ...]:
+        """After the entry ended with ``keep``, delete a late copy of a create judged absent.
+
+        Only for an entry whose absence was concluded on a learned bound (before
+        ``window``): until ``window`` after that create left, its image could still
+        show up (an import hidden longer than any seen). Looks at growing intervals,
+        and stops early once every create is accounted for. ``keep`` stays the
+        entry's image whatever the others are; the ids deleted are returned.
+        """
+        until = self._late_until.pop(item.tag, None)
+        if until is None:
+            return ()
+        delay = self._interval
+        while True:
+            try:
+                images = await self._ours(item)
+                self._poller.learn(images)
+                live = [image for image in images if not image.has_failed]
+                extras = [image for image in live if image.id != keep]
+                if extras:
+                    await self._delete_extras(item, keep=keep, live=extras, log=log)
+                if self._accounted_for(item, images):
+                    break
+            except (AuthenticationError, ApiUnreachableError):
+                raise
+            except ApiError as exc:
+                log.warning("image.duplicate_check_failed", error=exc.safe_message)
+            now = self._clock.wall()
+            if now >= until:
+                break
+            await self._clock.sleep(min(delay, until - now))
+            delay = min(delay * 1.5, 8 * self._interval)
+        return self._deleted(item)
+
     # -- keeping one copy -----------------------------------------------------------
 
     def _choose(self, item: PlannedImport, live: Sequence[Image]) -> Image:
@@ -189,17 +266,18 @@ class Reconciler:
         return min(candidates, key=lambda image: (not image.is_available, *_age(image)))
 
     async def _delete_extras(
-        self, item: PlannedImport, *, keep: Image, live: Iterable[Image], log: Log
+        self, item: PlannedImport, *, keep: Image | int, live: Iterable[Image], log: Log
     ) -> tuple[int, ...]:
         """Delete every live copy but ``keep``; the ids the API refused to delete yet.
 
         Each ``DELETE`` is journaled before it leaves and after it answers.
         """
-        extras = sorted({image.id for image in live} - {keep.id})
+        kept = keep if isinstance(keep, int) else keep.id
+        extras = sorted({image.id for image in live} - {kept})
         refused: list[int] = []
         deleted: list[int] = []
         for image_id in extras:
-            log.warning("image.duplicate", image_id=image_id, kept=keep.id)
+            log.warning("image.duplicate", image_id=image_id, kept=kept)
             self._journal.deleting(item.tag, image_id, self._clock.wall())
             try:
                 await self._client.delete(image_id)
@@ -218,7 +296,7 @@ class Reconciler:
             self._journal.deletion_result(image_id, DeletionState.DELETED, self._clock.wall())
             deleted.append(image_id)
         if deleted:
-            log.warning("image.duplicates_deleted", image_ids=deleted, kept=keep.id)
+            log.warning("image.duplicates_deleted", image_ids=deleted, kept=kept)
         return tuple(refused)
 
     def _deleted(self, item: PlannedImport) -> tuple[int, ...]:
@@ -238,10 +316,22 @@ class Reconciler:
 
     def _absence_proven_at(self, item: PlannedImport) -> float:
         """From when (wall time) a listing without the entry's image proves it absent."""
-        wait = self._window
-        if self._poller.lists_in_progress:
-            wait = self._poller.lag.bound(self._window)
-        return self._sent_at(item) + wait
+        return self._sent_at(item) + min(self._listed_wait(), self._hidden_wait(item))
+
+    def _listed_wait(self) -> float:
+        """How long after a create a listing may miss its image while it imports."""
+        if not self._poller.lists_in_progress:
+            return self._window
+        # Never sooner than an interval: a few quick listings say little of a slow one,
+        # and a create whose answer was lost may have been processed late.
+        return max(min(self._interval, self._window), self._poller.lag.bound(self._window))
+
+    def _hidden_wait(self, item: PlannedImport) -> float:
+        """How long after a create its image may stay hidden, if importing ones are: by the
+        imports seen finishing in this run (whether or not listings show importing images,
+        a finished one shows)."""
+        hidden = HiddenBound.of(self._poller.model, item.size, self._interval)
+        return self._window if hidden is None else min(self._window, hidden)
 
     def _accounted_for(self, item: PlannedImport, listed: Sequence[Image]) -> bool:
         """Whether every create that may have been processed has an image in sight.
@@ -286,7 +376,7 @@ class Reconciler:
         group = self._importing_group()
         if group is not None and now - self._probed_at >= self._interval:
             self._probed_at = now
-            self._poller.learn(await self._client.list(tag_name=group))
+            self._poller.learn(await self._client.list(tag_name=group), tag=group)
         return self._poller.lists_in_progress
 
 
