@@ -95,8 +95,9 @@ class ListingLag:
 
     #: Margin over the longest lag seen.
     FACTOR = 2.0
-    #: A first listing this soon after the send bounds the lag usefully (seconds).
-    HORIZON = 30.0
+    #: A first listing this soon after the send bounds the lag usefully (seconds): about
+    #: when the first listing of a group comes, the default first poll after its creates.
+    HORIZON = 60.0
     #: An image sent this shortly before a listing's answer is not counted as missed by it.
     GUARD = 1.0
 

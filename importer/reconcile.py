@@ -231,6 +231,7 @@ class Reconciler:
         until = self._late_until.pop(item.tag, None)
         if until is None:
             return ()
+        log.info("image.lingering", seconds=round(max(0.0, until - self._clock.wall()), 3))
         delay = self._interval
         while True:
             try:
