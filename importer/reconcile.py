@@ -14,17 +14,17 @@ rerun goes on waiting where the last run stopped, rather than from its start):
 
 * once listings are known to show importing images, the listing lag's bound
   after it (:class:`~importer.poller.ListingLag`: twice the longest lag seen on
-  this run's own creates; before any is seen, the window below);
-* otherwise (listings may hide importing images, so an image the create made
-  shows only once its import is done): once an import of its size would be done
-  by a wide margin over the longest seen in this run (:class:`HiddenBound`),
-  and at most ``window`` after it. Before enough imports have been seen
-  finishing, ``window`` after it: by then any image the create made has
-  finished, and is listed if it lives (a failed image is no duplicate).
+  this run's own creates, at least one interval; before any is seen, as below);
+* whether or not they do (a finished image is listed either way): once an
+  import of its size would be done, by a wide margin over the longest seen in
+  this run (:class:`HiddenBound`);
+* and at the latest ``window`` after it, the wait before anything is learned:
+  by then any image the create made has finished, and is listed if it lives (a
+  failed image is no duplicate).
 
-A learned bound is evidence from this run's imports, not a promise of the
+The hidden bound is evidence from this run's imports, not a promise of the
 API's: an import could stay hidden longer than any seen. So when absence was
-concluded before ``window``, :meth:`Reconciler.linger` keeps looking for a late
+concluded on it, before ``window``, :meth:`Reconciler.linger` keeps looking for a late
 copy after the entry has ended, until ``window`` after that create left (or
 until every create is accounted for), and deletes it: the entry's image stays
 the one it ended with, and the copy is reported under ``duplicates_deleted``.
