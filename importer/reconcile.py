@@ -58,6 +58,9 @@ from importer.poller import DurationModel, StatusPoller
 Log = structlog.typing.FilteringBoundLogger
 #: How far DigitalOcean's clock may be from ours when comparing creation times.
 CLOCK_SKEW = 300.0
+#: Probes that found listings hiding importing images, and looks for a late copy, come at
+#: most this many intervals apart.
+PROBE_BACKOFF = 16
 
 
 @dataclass(frozen=True)
@@ -121,8 +124,9 @@ class Reconciler:
         self._interval = interval
         # A group tag with an image known to be importing, to learn from.
         self._importing_group = importing_group
-        # One probe per interval serves every entry being reconciled.
+        # One probe per interval at most serves every entry being reconciled.
         self._probed_at = -math.inf
+        self._probe_every = interval
         # Entries whose absence was concluded before ``window`` (a learned bound): a
         # hidden copy could still turn up until this wall time (see linger).
         self._late_until: dict[str, float] = {}
@@ -176,7 +180,13 @@ class Reconciler:
             pause = delay
             if proven_at is not None:
                 # No sooner than needed, and no later than when evidence can be had.
-                pause = min(delay, max(0.0, proven_at - self._clock.wall()))
+                now = self._clock.wall()
+                pause = min(delay, max(0.0, proven_at - now))
+                if not self._poller.lists_in_progress:
+                    # Listings may hide importing images: the image can show no sooner
+                    # than the quickest import of its size is done.
+                    soonest = self._soonest_shown(item)
+                    pause = min(max(pause, soonest - now), max(0.0, proven_at - now))
             await self._clock.sleep(pause)
             # The answer may be an hour away: ask less often as time goes by.
             delay = min(delay * 1.5, 8 * self._interval)
@@ -251,7 +261,9 @@ class Reconciler:
             if now >= until:
                 break
             await self._clock.sleep(min(delay, until - now))
-            delay = min(delay * 1.5, 8 * self._interval)
+            # A late copy grows less likely as time goes by: look less often (the budget is
+            # the creates' too).
+            delay = min(delay * 1.5, PROBE_BACKOFF * self._interval)
         return self._deleted(item)
 
     # -- keeping one copy -----------------------------------------------------------
@@ -334,6 +346,14 @@ class Reconciler:
         hidden = HiddenBound.of(self._poller.model, item.size, self._interval)
         return self._window if hidden is None else min(self._window, hidden)
 
+    def _soonest_shown(self, item: PlannedImport) -> float:
+        """When (wall time) an image the create made can first be listed if importing ones
+        are hidden: once the quickest import of its size seen in this run would be done."""
+        model = self._poller.model
+        if not model.ready:
+            return -math.inf
+        return self._sent_at(item) + model.early(item.size)
+
     def _accounted_for(self, item: PlannedImport, listed: Sequence[Image]) -> bool:
         """Whether every create that may have been processed has an image in sight.
 
@@ -375,9 +395,13 @@ class Reconciler:
         """Whether listings show importing images, asked of a group known to be importing."""
         now = self._clock.monotonic()
         group = self._importing_group()
-        if group is not None and now - self._probed_at >= self._interval:
+        if group is not None and now - self._probed_at >= self._probe_every:
             self._probed_at = now
             self._poller.learn(await self._client.list(tag_name=group), tag=group)
+            if not self._poller.lists_in_progress:
+                # Whether listings show importing images does not change: ask less often
+                # (a run that reconciles all along would probe every interval for hours).
+                self._probe_every = min(2 * self._probe_every, PROBE_BACKOFF * self._interval)
         return self._poller.lists_in_progress
 
 
