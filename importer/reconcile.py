@@ -73,7 +73,8 @@ class HiddenBound:
     listing's lag and the polling delay). The bound is ``FACTOR`` times that,
     counting a ratio of at least ``MIN_RATIO`` (the first imports seen finishing
     are the quickest), once ``MIN_SAMPLES`` imports have been seen finishing,
-    plus one poll interval; before that there is none.
+    plus one poll interval; before that there is none, nor for a file of unknown size
+    (it could be the largest of all).
     """
 
     FACTOR = 1.5
@@ -82,7 +83,7 @@ class HiddenBound:
 
     @classmethod
     def of(cls, model: DurationModel, size: int | None, interval: float) -> float | None:
-        if model.samples < cls.MIN_SAMPLES:
+        if size is None or model.samples < cls.MIN_SAMPLES:
             return None
         longest = model.fit(size) * max(model.slowest_ratio, cls.MIN_RATIO)
         return cls.FACTOR * longest + interval

@@ -102,13 +102,15 @@ def test_an_image_a_listing_missed_bounds_the_lag_however_late_it_shows() -> Non
 
 
 def test_the_hidden_bound_waits_for_enough_imports_and_keeps_a_margin() -> None:
-    """None before 10 imports finished; then 1.5 x the longest seen (at least 1.25 x the fit)."""
+    """None before 10 imports finished, or for a file of unknown size; then 1.5 x the longest
+    seen (at least 1.25 x the fit)."""
     model = DurationModel()
     for _ in range(9):
         model.observe(GIB, 100.0)
     assert HiddenBound.of(model, GIB, interval=30.0) is None
     model.observe(GIB, 100.0)
     assert HiddenBound.of(model, GIB, interval=30.0) == pytest.approx(1.5 * 125.0 + 30.0)
+    assert HiddenBound.of(model, None, interval=30.0) is None  # it could be the largest
     model.observe(GIB, 200.0)  # one import far slower than the rest stretches the bound
     fit = model.fit(GIB)
     assert HiddenBound.of(model, GIB, interval=30.0) == pytest.approx(1.5 * 200.0 + 30.0)
