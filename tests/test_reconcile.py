@@ -28,6 +28,7 @@ from importer.reconcile import HiddenBound
 from importer.report import Outcome
 from importer.simulator import SimulatorConfig, World, run_simulator
 from importer.simulator.world import FaultPlan, ImportPlan
+from importer.sizing import HeadSizer
 from tests.helpers import image_urls, manifest_of, settings_for
 from tests.test_pipeline import live_images_by_tag
 
@@ -442,9 +443,10 @@ async def test_a_late_copy_of_a_create_judged_absent_is_deleted_when_it_shows() 
     seen, so its entry is created again once imports of its size are surely done (not an
     hour later); the late copy is deleted as soon as a listing shows it, the entry keeps
     its image, and the report names the copy."""
-    manifest = manifest_of(*image_urls(30))
     target = "ok-29.qcow2"
     async with run_simulator(SimulatorConfig.realistic(seed=0)) as sim:
+        # Files on the simulator's host, so that their sizes are known (HEAD).
+        manifest = manifest_of(*(f"{sim.base_url}/_files/ok-{i}.qcow2" for i in range(30)))
         world = sim.world
         draw_faults, create_image = world.draw_faults, world.create_image
         slow: list[int] = []
@@ -468,7 +470,7 @@ async def test_a_late_copy_of_a_create_judged_absent_is_deleted_when_it_shows() 
         clock = LoopClock()
         started = clock.wall()
         settings = settings_for(sim.base_url, poll_interval=10.0)
-        report = await run_import(manifest, settings, clock=clock)
+        report = await run_import(manifest, settings, clock=clock, sizer=HeadSizer())
         late = world.images[slow[0]]
         live = live_images_by_tag(world)
         posts = world.request_counts["POST /v2/images"]
