@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+import anyio
 import structlog
 
 from importer.api import Image
@@ -131,6 +132,10 @@ class Reconciler:
         # Entries whose absence was concluded before ``window`` (a learned bound): a
         # hidden copy could still turn up until this wall time (see linger).
         self._late_until: dict[str, float] = {}
+        # Entries lingering per group, and the group's latest listing while any does.
+        self._lingering: dict[str, int] = {}
+        self._group_seen: dict[str, tuple[float, list[Image]]] = {}
+        self._group_locks: dict[str, anyio.Lock] = {}
 
     async def find(self, item: PlannedImport, log: Log) -> Image | None:
         """The image an uncertain create made, or ``None`` once it surely does not exist.
@@ -235,36 +240,51 @@ class Reconciler:
 
         Only for an entry whose absence was concluded on a learned bound (before
         ``window``): until ``window`` after that create left, its image could still
-        show up (an import hidden longer than any seen). Looks at growing intervals,
-        and stops early once every create is accounted for. ``keep`` stays the
+        show up (an import hidden longer than any seen). Looks in the group's
+        listing at growing intervals (one listing serves the group's lingering
+        entries), and stops early once every create is accounted for. ``keep`` stays the
         entry's image whatever the others are; the ids deleted are returned.
         """
         until = self._late_until.pop(item.tag, None)
         if until is None:
             return ()
         log.info("image.lingering", seconds=round(max(0.0, until - self._clock.wall()), 3))
-        delay = self._interval
-        while True:
-            try:
-                images = await self._ours(item)
-                self._poller.learn(images)
-                live = [image for image in images if not image.has_failed]
-                extras = [image for image in live if image.id != keep]
-                if extras:
-                    await self._delete_extras(item, keep=keep, live=extras, log=log)
-                if self._accounted_for(item, images):
+        group = item.group
+        self._lingering[group] = self._lingering.get(group, 0) + 1
+        step = self._interval
+        try:
+            while True:
+                try:
+                    # The group's listing shows a late copy too (the create carried the
+                    # group's tag), and one listing serves every entry of it that lingers.
+                    images = self._mine(item, await self._group_listing(group))
+                    live = [image for image in images if not image.has_failed]
+                    extras = [image for image in live if image.id != keep]
+                    if extras:
+                        await self._delete_extras(item, keep=keep, live=extras, log=log)
+                    if self._accounted_for(item, images):
+                        break
+                except (AuthenticationError, ApiUnreachableError):
+                    raise
+                except ApiError as exc:
+                    log.warning("image.duplicate_check_failed", error=exc.safe_message)
+                now = self._clock.wall()
+                if now >= until:
                     break
-            except (AuthenticationError, ApiUnreachableError):
-                raise
-            except ApiError as exc:
-                log.warning("image.duplicate_check_failed", error=exc.safe_message)
-            now = self._clock.wall()
-            if now >= until:
-                break
-            await self._clock.sleep(min(delay, until - now))
-            # A late copy grows less likely as time goes by: look less often (the budget is
-            # the creates' too).
-            delay = min(delay * 1.5, PROBE_BACKOFF * self._interval)
+                # A late copy grows less likely as time goes by: look less often (the
+                # budget is the creates' too), at moments shared with the group's other
+                # lingering entries (multiples of the step), so that they share listings.
+                step = min(2 * step, PROBE_BACKOFF * self._interval)
+                tick = self._clock.monotonic()
+                pause = (math.floor(tick / step) + 1) * step - tick
+                if pause < 1.0:  # at a multiple already (give or take a rounding)
+                    pause += step
+                await self._clock.sleep(min(pause, until - now))
+        finally:
+            self._lingering[group] -= 1
+            if not self._lingering[group]:
+                del self._lingering[group]
+                self._group_seen.pop(group, None)
         return self._deleted(item)
 
     # -- keeping one copy -----------------------------------------------------------
@@ -369,8 +389,28 @@ class Reconciler:
         }
         return len(seen) >= state.creates_sent
 
+    async def _group_listing(self, group: str) -> list[Image]:
+        """The listing of ``group``, shared by the entries lingering at the same moment."""
+        lock = self._group_locks.setdefault(group, anyio.Lock())
+        async with lock:
+            seen = self._group_seen.get(group)
+            now = self._clock.monotonic()
+            if seen is not None and now - seen[0] < 1.0:
+                return seen[1]
+            images = await self._client.list(tag_name=group)
+            self._poller.learn(images, tag=group)
+            if group in self._lingering:
+                self._group_seen[group] = (now, images)
+            return images
+
     async def _ours(self, item: PlannedImport) -> list[Image]:
-        """The images with the entry's (and set's) tags that this entry's creates may have made.
+        """The images with the entry's tags that this entry's creates may have made (see
+        :meth:`_mine`), listed by the entry's tag."""
+        return self._mine(item, await self._client.list(tag_name=item.tag))
+
+    def _mine(self, item: PlannedImport, listed: Sequence[Image]) -> list[Image]:
+        """Of ``listed``, the images with the entry's (and set's) tags that this entry's
+        creates may have made.
 
         Only images of the version the creates were for: the entry's other
         versions are rotation's business. An earlier import of the same entry and
@@ -379,9 +419,9 @@ class Reconciler:
         """
         images = [
             image
-            for image in await self._client.list(tag_name=item.tag)
+            for image in listed
             # Images without the set's tag are never the importer's to adopt or delete.
-            if item.set_tag in (image.tags or ())
+            if item.tag in (image.tags or ()) and item.set_tag in (image.tags or ())
         ]
         vtag = item.version_tag
         if vtag is not None:
