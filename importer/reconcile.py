@@ -131,7 +131,8 @@ class Reconciler:
         self._probe_every = interval
         # Entries whose absence was concluded before ``window`` (a learned bound): a
         # hidden copy could still turn up until this wall time (see linger).
-        self._late_until: dict[str, float] = {}
+        # ...and the group tag its creates carried (None: several, or not known).
+        self._late_until: dict[str, tuple[float, str | None]] = {}
         # Entries lingering per group, and the group's latest listing while any does.
         self._lingering: dict[str, int] = {}
         self._group_seen: dict[str, tuple[float, list[Image]]] = {}
@@ -172,8 +173,7 @@ class Reconciler:
                     sent = self._sent_at(item)
                     if asked_at < sent + min(self._window, self._listed_wait()):
                         # Concluded on the imports seen, which a hidden import could outlast.
-                        until = max(self._late_until.get(item.tag, -math.inf), sent + self._window)
-                        self._late_until[item.tag] = until
+                        self._judged_early(item, sent + self._window)
                     log.info("image.absent", tag=item.tag, since_sent=round(asked_at - sent, 3))
                     return None
             except (AuthenticationError, ApiUnreachableError):
@@ -245,11 +245,14 @@ class Reconciler:
         entries), and stops early once every create is accounted for. ``keep`` stays the
         entry's image whatever the others are; the ids deleted are returned.
         """
-        until = self._late_until.pop(item.tag, None)
-        if until is None:
+        late = self._late_until.pop(item.tag, None)
+        if late is None:
             return ()
+        until, group = late
         log.info("image.lingering", seconds=round(max(0.0, until - self._clock.wall()), 3))
-        group = item.group
+        if group is None:
+            # Creates with other group tags (an earlier run's): the entry's own listing.
+            group = item.tag
         self._lingering[group] = self._lingering.get(group, 0) + 1
         step = self._interval
         try:
@@ -257,6 +260,7 @@ class Reconciler:
                 try:
                     # The group's listing shows a late copy too (the create carried the
                     # group's tag), and one listing serves every entry of it that lingers.
+                    # (``_mine`` keeps the entry's images of any listing, its own too.)
                     images = self._mine(item, await self._group_listing(group))
                     live = [image for image in images if not image.has_failed]
                     extras = [image for image in live if image.id != keep]
@@ -388,6 +392,18 @@ class Reconciler:
             deletion.image_id for deletion in self._journal.deletions(item.tag)
         }
         return len(seen) >= state.creates_sent
+
+    def _judged_early(self, item: PlannedImport, until: float) -> None:
+        """The entry's create was judged absent before ``window``: watch for a late copy
+        until ``until``, in the listing of the group tag that create carried."""
+        state = self._journal.get(item.tag)
+        group = state.group if state is not None else None
+        earlier = self._late_until.get(item.tag)
+        if earlier is not None:
+            until = max(until, earlier[0])
+            if earlier[1] != group:
+                group = None
+        self._late_until[item.tag] = (until, group)
 
     async def _group_listing(self, group: str) -> list[Image]:
         """The listing of ``group``, shared by the entries lingering at the same moment."""
