@@ -566,6 +566,7 @@ class Importer:
         self._learn(entry.tag, final)
         if final.is_available:
             await self._rotate(entry, final, left=left)
+            await self._linger(entry)
             return None
         error = redact_text(final.error_message) or f"the image turned {final.status}"
         if not ours and not last:
@@ -573,6 +574,17 @@ class Importer:
             return await self._redecide(entry, image_id, error)
         entry.failed(_left_note(error, left) or error, final)
         return None
+
+    async def _linger(self, entry: EntryLifecycle) -> None:
+        """A create judged absent on a learned bound may still show a late copy: delete it."""
+        keep = entry.result.image_id
+        if keep is None or entry.result.outcome is not Outcome.AVAILABLE:
+            return
+        deleted = await self._reconciler.linger(entry.item, keep=keep, log=entry.log)
+        if set(deleted) - set(entry.result.duplicates_deleted):
+            entry.duplicates_deleted(deleted)
+            for gone in deleted:
+                self._forget(entry.tag, gone)
 
     async def _redecide(self, entry: EntryLifecycle, image_id: int, error: str) -> Decision:
         """The watched image is gone or failed: decide again from a fresh look at the entry."""
@@ -671,11 +683,16 @@ class Importer:
         return row.duplicates if row is not None else ()
 
     def _importing_group(self) -> str | None:
+        """The group of the newest import known to be importing: a listing of it, soon
+        after its creates, also bounds the listing's lag tightly (see ListingLag)."""
+        newest: tuple[float, str] | None = None
         for entry in self._entries.values():
             result = entry.result
             if result.image_id is not None and result.status in ("NEW", "pending"):
-                return entry.item.group
-        return None
+                submitted = result.submitted_at or 0.0
+                if newest is None or submitted > newest[0]:
+                    newest = (submitted, entry.item.group)
+        return newest[1] if newest is not None else None
 
     # -- rotation: the name on the newest, older versions kept or deleted -----------
 

@@ -84,34 +84,62 @@ class ListingLag:
 
     Learned from this run's own creates: each one's send time (wall clock) is
     noted, and the first listing that shows its image bounds the lag from above
-    (the listing's answer came after the image appeared). :meth:`bound` is twice
-    the largest such bound seen, so that a lag a little longer than any seen is
-    still covered; before anything is learned it is the caller's default.
+    (the listing's answer came after the image appeared). Only bounds that say
+    something count: one within ``HORIZON`` of the send, or one of an image a
+    listing of its group missed before (its lag was long, and the bound shows
+    how long). An image first listed long after its send, never missed, says
+    only that the listing came late. :meth:`bound` is twice the largest bound
+    counted, so that a lag a little longer than any seen is still covered;
+    before any counts it is the caller's default.
     """
 
     #: Margin over the longest lag seen.
     FACTOR = 2.0
+    #: A first listing this soon after the send bounds the lag usefully (seconds): about
+    #: when the first listing of a group comes, the default first poll after its creates.
+    HORIZON = 60.0
+    #: An image sent this shortly before a listing's answer is not counted as missed by it.
+    GUARD = 1.0
 
     def __init__(self) -> None:
         self._sent: dict[int, float] = {}
+        self._groups: dict[str, set[int]] = {}
+        self._group_of: dict[int, str] = {}
+        self._missed: set[int] = set()
         self._longest: float | None = None
 
-    def sent(self, image_id: int, at: float) -> None:
-        """The create that made ``image_id`` left at ``at`` (wall clock)."""
+    def sent(self, image_id: int, at: float, group: str | None = None) -> None:
+        """The create that made ``image_id`` (in ``group``) left at ``at`` (wall clock)."""
         if image_id not in self._sent:
             self._sent[image_id] = at
+            if group is not None:
+                self._groups.setdefault(group, set()).add(image_id)
+                self._group_of[image_id] = group
 
-    def listed(self, images: Sequence[Image], at: float) -> None:
-        """A listing answered at ``at`` (wall clock) showed ``images``."""
+    def listed(self, images: Sequence[Image], at: float, tag: str | None = None) -> None:
+        """A listing (of ``tag``, when it is a group's) answered at ``at`` (wall clock)."""
+        shown = set()
         for image in images:
+            shown.add(image.id)
             sent = self._sent.pop(image.id, None)
-            if sent is not None:
-                lag = max(0.0, at - sent)
+            if sent is None:
+                continue
+            group = self._group_of.pop(image.id, None)
+            if group is not None:
+                self._groups[group].discard(image.id)
+            lag = max(0.0, at - sent)
+            missed = image.id in self._missed
+            self._missed.discard(image.id)
+            if lag <= self.HORIZON or missed:
                 self._longest = lag if self._longest is None else max(self._longest, lag)
+        members = self._groups.get(tag) if tag is not None else None
+        for image_id in members or ():
+            if image_id not in shown and self._sent[image_id] <= at - self.GUARD:
+                self._missed.add(image_id)
 
     @property
     def longest(self) -> float | None:
-        """The longest lag seen (an upper bound of each), or ``None`` before any."""
+        """The longest lag counted (an upper bound of each), or ``None`` before any."""
         return self._longest
 
     def bound(self, default: float) -> float:
@@ -358,7 +386,7 @@ class StatusPoller:
         first listing teaches :attr:`lag`.
         """
         if fresh and sent_at is not None:
-            self.lag.sent(image_id, sent_at)
+            self.lag.sent(image_id, sent_at, group)
         failed = self._failed.get(image_id)
         if failed is not None:
             # Seen failed already (by reconciliation): nothing to wait for.
@@ -659,7 +687,7 @@ class StatusPoller:
     def take_listing(self, group: str, images: Sequence[Image]) -> None:
         """What a listing of ``group`` showed, whoever listed it (this poller, or the
         transfers' watcher, :mod:`importer.transfers`): one listing serves both."""
-        self.learn(images)
+        self.learn(images, tag=group)
         if self.on_listed is not None:
             self.on_listed(images)
         now = self._clock.monotonic()
@@ -692,7 +720,7 @@ class StatusPoller:
         stats = self._groups.get(group)
         return stats.unfinished() if stats is not None else []
 
-    def learn(self, images: Sequence[Image]) -> None:
+    def learn(self, images: Sequence[Image], *, tag: str | None = None) -> None:
         """Learn from a listing just answered, whoever asked for it.
 
         Whether listings show images still importing; how long they lag behind
@@ -701,7 +729,7 @@ class StatusPoller:
         if not self.lists_in_progress and any(i.status in ("NEW", "pending") for i in images):
             self.lists_in_progress = True
             self._log.info("listing.shows_in_progress")
-        self.lag.listed(images, self._clock.wall())
+        self.lag.listed(images, self._clock.wall(), tag)
         for image in images:
             if image.has_failed:
                 self._note_failed(image)

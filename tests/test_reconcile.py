@@ -19,13 +19,16 @@ from structlog.testing import capture_logs
 
 from importer.api import Image
 from importer.catalog import DECOMPRESS_ERROR
+from importer.clock import LoopClock
 from importer.journal import DeletionState, Journal, Phase
 from importer.pipeline import Stopper, run_import
 from importer.plan import make_plan
-from importer.poller import UNREAD_FAILURE, ListingLag
+from importer.poller import GIB, UNREAD_FAILURE, DurationModel, ListingLag
+from importer.reconcile import HiddenBound
 from importer.report import Outcome
 from importer.simulator import SimulatorConfig, World, run_simulator
 from importer.simulator.world import FaultPlan, ImportPlan
+from importer.sizing import HeadSizer
 from tests.helpers import image_urls, manifest_of, settings_for
 from tests.test_pipeline import live_images_by_tag
 
@@ -76,6 +79,43 @@ def test_listing_lag_is_bounded_by_twice_the_longest_seen() -> None:
     assert lag.longest == 9.0  # the first listing showing image 2 bounds its lag
     assert lag.bound(600.0) == 18.0
     assert lag.bound(10.0) == 10.0
+
+
+def test_a_first_listing_long_after_the_send_says_nothing_of_the_lag() -> None:
+    """Listed first 200 s after its send, never missed before: the lag is not learned from it."""
+    lag = ListingLag()
+    lag.sent(1, 100.0, "g")
+    lag.listed([Image(id=1, status="NEW")], 300.0, "g")
+    assert lag.longest is None
+    assert lag.bound(600.0) == 600.0
+
+
+def test_an_image_a_listing_missed_bounds_the_lag_however_late_it_shows() -> None:
+    """Missed by its group's listing 20 s after its send, shown at 200 s: a lag of up to 200 s."""
+    lag = ListingLag()
+    lag.sent(1, 100.0, "g")
+    lag.sent(2, 100.0, "g")
+    lag.listed([Image(id=2, status="NEW")], 120.0, "g")  # 2 shown within 20 s, 1 missed
+    assert lag.longest == 20.0
+    lag.listed([Image(id=1, status="NEW"), Image(id=2, status="NEW")], 300.0, "g")
+    assert lag.longest == 200.0
+    assert lag.bound(600.0) == 400.0
+
+
+def test_the_hidden_bound_waits_for_enough_imports_and_keeps_a_margin() -> None:
+    """None before 10 imports finished, or for a file of unknown size; then 1.5 x the longest
+    seen (at least 1.25 x the fit)."""
+    model = DurationModel()
+    for _ in range(9):
+        model.observe(GIB, 100.0)
+    assert HiddenBound.of(model, GIB, interval=30.0) is None
+    model.observe(GIB, 100.0)
+    assert HiddenBound.of(model, GIB, interval=30.0) == pytest.approx(1.5 * 125.0 + 30.0)
+    assert HiddenBound.of(model, None, interval=30.0) is None  # it could be the largest
+    model.observe(GIB, 200.0)  # one import far slower than the rest stretches the bound
+    fit = model.fit(GIB)
+    assert HiddenBound.of(model, GIB, interval=30.0) == pytest.approx(1.5 * 200.0 + 30.0)
+    assert fit < 200.0
 
 
 @pytest.mark.anyio
@@ -392,3 +432,58 @@ async def test_a_deletion_a_killed_run_made_is_named_by_the_next_report_once(
     assert first.images[0].image_id == kept
     assert first.images[0].duplicates_deleted == (extra,)
     assert second.images[0].duplicates_deleted == ()
+
+
+# -- a hidden import slower than any seen -----------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_late_copy_of_a_create_judged_absent_is_deleted_when_it_shows() -> None:
+    """Importing images hidden: a lost create's image takes far longer than every import
+    seen, so its entry is created again once imports of its size are surely done (not an
+    hour later); the late copy is deleted as soon as a listing shows it, the entry keeps
+    its image, and the report names the copy."""
+    target = "ok-29.qcow2"
+    async with run_simulator(SimulatorConfig.realistic(seed=0)) as sim:
+        # Files on the simulator's host, so that their sizes are known (HEAD).
+        manifest = manifest_of(*(f"{sim.base_url}/_files/ok-{i}.qcow2" for i in range(30)))
+        world = sim.world
+        draw_faults, create_image = world.draw_faults, world.create_image
+        slow: list[int] = []
+
+        def lose_targets_first_create(method: str, path_qs: str, body: bytes) -> FaultPlan:
+            faults = draw_faults(method, path_qs, body)
+            if method == "POST" and target.encode() in body and not slow:
+                return replace(faults, lost_create=True)
+            return faults
+
+        def slow_first_copy(body: object) -> Any:
+            image = create_image(body)
+            if target in str(body) and not slow:
+                # Available about 50 minutes after its creation: within the hour.
+                image.plan = replace(image.plan, pending_seconds=3000.0)
+                slow.append(image.id)
+            return image
+
+        world.draw_faults = lose_targets_first_create  # type: ignore[method-assign]
+        world.create_image = slow_first_copy  # type: ignore[method-assign]
+        clock = LoopClock()
+        started = clock.wall()
+        settings = settings_for(sim.base_url, poll_interval=10.0)
+        report = await run_import(manifest, settings, clock=clock, sizer=HeadSizer())
+        late = world.images[slow[0]]
+        live = live_images_by_tag(world)
+        posts = world.request_counts["POST /v2/images"]
+    result = report.images[29]
+    assert result.outcome is Outcome.AVAILABLE
+    assert result.image_id != late.id
+    assert result.finished_at is not None
+    # Created again once 10 imports had finished and the longest seen, by a margin, had
+    # passed: about 20 minutes, not the hour the per-image timeout would have waited.
+    assert result.finished_at - started < 1500.0
+    assert late.available_at is not None
+    assert late.available_at > result.finished_at
+    assert late.deleted_by_user
+    assert result.duplicates_deleted == (late.id,)
+    assert posts == 31
+    assert live == {item.tag: 1 for item in make_plan(manifest)}
