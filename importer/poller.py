@@ -414,11 +414,22 @@ class StatusPoller:
         self._budget = budget
         self._creates_left = creates_left
 
+    def _endgame(self, creates: int) -> bool:
+        """Every create sent and few images left: the last one seen is the run's end."""
+        few = max(ENDGAME_IMAGES, ENDGAME_SHARE_OF_RUN * self._watched)
+        return creates == 0 and len(self._watches) <= few
+
     def _retune(self, now: float) -> None:
-        if self._budget is None or not self.model.ready or now - self._retuned_at < RETUNE_EVERY:
+        if self._budget is None or not self.model.ready:
+            return
+        creates = self._creates_left() if self._creates_left is not None else 0
+        endgame = self._endgame(creates)
+        # The endgame starts at once, not at the next minute's retune: its first images
+        # seen late are the run's end seen late.
+        starts = endgame and self._interval > self._fastest * ENDGAME_SHARE
+        if now - self._retuned_at < RETUNE_EVERY and not starts:
             return
         self._retuned_at = now
-        creates = self._creates_left() if self._creates_left is not None else 0
         fastest = self._fastest
         slowest = MAX_STRETCH * fastest
         interval = fastest
@@ -433,13 +444,26 @@ class StatusPoller:
                 # unless they miss it by little (the forecast errs), the interval stays.
                 fits = fixed + spread / slowest <= spare * HOPELESS
                 interval = min(slowest, spread / max(spare - fixed, 1e-9)) if fits else fastest
-        elif len(self._watches) <= max(ENDGAME_IMAGES, ENDGAME_SHARE_OF_RUN * self._watched):
-            # Every create sent and few images left: the last one seen is the run's end,
-            # and checks cost no create any more.
+        elif endgame:
+            # Checks cost no create any more.
             interval = fastest * ENDGAME_SHARE
         if interval != self._interval:
             self._log.info("poll.interval", seconds=round(interval, 1), creates_left=creates)
+            shorter = interval < self._interval
             self._interval = interval
+            if shorter:
+                self._pull_in(now)
+
+    def _pull_in(self, now: float) -> None:
+        """The interval shrank: no group waits longer than the new one for its next listing
+        (listings planned at the old interval would keep the old lag one more round)."""
+        for stats in self._groups.values():
+            if stats.next_listing is None or stats.next_listing <= now + self._interval:
+                continue
+            stats.next_listing = now + self._interval * self._rng.uniform(0.9, 1.1)
+            for member in stats.unfinished():
+                if member.due > stats.next_listing:
+                    self._set_due(member, stats.next_listing)
 
     def _group_done(self, stats: _Group) -> None:
         """A group has no image left to wait for: note how many listings it needed from
