@@ -691,7 +691,10 @@ class StatusPoller:
         for stats in self._groups.values():
             oldest = stats.oldest_unfinished()
             if oldest is not None and oldest.last_unfinished is not None:
-                ratio = max(ratio, (now - oldest.submitted) / model.fit(oldest.size))
+                # As long as it was last seen importing: since then it may be done, unseen,
+                # and counting that time would stretch every group by the poll interval.
+                ran = oldest.last_unfinished - oldest.submitted
+                ratio = max(ratio, ran / model.fit(oldest.size))
         return min(ratio, 2 * max(model.slowest_ratio, 1 + PRIOR_SPREAD))
 
     def _early(self, size: int | None) -> float:

@@ -167,3 +167,25 @@ async def test_the_endgame_starts_at_once_and_pulls_in_planned_listings() -> Non
         assert stats.next_listing <= now + 11.0
         assert all(watch.due <= now + 11.0 for watch in stats.unfinished())
         tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_an_import_counts_as_slow_for_as_long_as_it_was_seen_importing() -> None:
+    """Imports learned to take 300 s; one listed importing 200 s after its create, and not
+    listed since, 400 s after it: the slowest import may have taken 200 s, not 400 s (it may
+    be done, unseen), so groups are planned 25% beyond the fit (the prior), not 33%."""
+    clock = FakeClock()
+    poller = StatusPoller(_Images(), clock, first_poll=60.0, poll_interval=30.0)  # type: ignore[arg-type]
+    poller.pace_with(_NoBudget(), lambda: 0)
+    _learned(poller)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_wait_since, poller, 1, "g1", clock.wall() - 200.0)
+        await anyio.lowlevel.checkpoint()
+        poller.take_listing("g1", [])
+        clock.advance(200.0)
+        assert poller._tail_ratio(clock.monotonic()) == pytest.approx(1.25)
+        tg.cancel_scope.cancel()
+
+
+async def _wait_since(poller: StatusPoller, image_id: int, group: str, submitted: float) -> None:
+    await poller.wait(image_id, _ignore, group=group, size=GIB, submitted_at=submitted)
