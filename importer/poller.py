@@ -182,6 +182,10 @@ class DurationModel:
     MIN_SAMPLES = 3
     #: Buckley-James rounds per refit.
     ROUNDS = 3
+    #: Imports counted by a refit, at most, finished and still running (evenly picked
+    #: from the history and from those in flight): a refit costs milliseconds, not tens.
+    FINISHED_COUNTED = 512
+    RUNNING_COUNTED = 256
 
     def __init__(self, window: int = 256, history: int = 4096) -> None:
         self._n = 0
@@ -209,8 +213,9 @@ class DurationModel:
         """Fit again, counting ``running`` imports: (size, seconds they have run at least)."""
         if not self.ready:
             return
-        done = list(self._history)
+        done = _evenly(list(self._history), self.FINISHED_COUNTED)
         pending = [((size or 0) / GIB, elapsed) for size, elapsed in running if elapsed > 0]
+        pending = _evenly(pending, self.RUNNING_COUNTED)
         self._line = None
         self._refit_quantiles = None
         if not pending:
@@ -287,6 +292,14 @@ class DurationModel:
 
     def late(self, size: int | None) -> float:
         return self._fit((size or 0) / GIB) * self._spread()[1]
+
+
+def _evenly(items: list[tuple[float, float]], most: int) -> list[tuple[float, float]]:
+    """At most ``most`` of ``items``, picked at even steps (the newest always among them)."""
+    if len(items) <= most:
+        return items
+    step = len(items) / most
+    return [items[len(items) - 1 - int(k * step)] for k in range(most)]
 
 
 def _line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
