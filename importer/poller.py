@@ -182,10 +182,10 @@ class DurationModel:
     MIN_SAMPLES = 3
     #: Buckley-James rounds per refit.
     ROUNDS = 3
-    #: Imports counted by a refit, at most, finished and still running (evenly picked
-    #: from the history and from those in flight): a refit costs milliseconds, not tens.
-    FINISHED_COUNTED = 512
-    RUNNING_COUNTED = 256
+    #: Imports counted by a refit, at most, finished and still running (the same share
+    #: of each, evenly picked: the share of those running is what corrects the fit): a
+    #: refit costs milliseconds, not tens.
+    COUNTED = 768
 
     def __init__(self, window: int = 256, history: int = 4096) -> None:
         self._n = 0
@@ -213,9 +213,11 @@ class DurationModel:
         """Fit again, counting ``running`` imports: (size, seconds they have run at least)."""
         if not self.ready:
             return
-        done = _evenly(list(self._history), self.FINISHED_COUNTED)
+        done = list(self._history)
         pending = [((size or 0) / GIB, elapsed) for size, elapsed in running if elapsed > 0]
-        pending = _evenly(pending, self.RUNNING_COUNTED)
+        share = min(1.0, self.COUNTED / (len(done) + len(pending)))
+        done = _evenly(done, math.ceil(share * len(done)))
+        pending = _evenly(pending, math.ceil(share * len(pending)))
         self._line = None
         self._refit_quantiles = None
         if not pending:
