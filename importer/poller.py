@@ -161,6 +161,11 @@ class StatusBudget(Protocol):
         ...
 
 
+#: A refit counts the imports still running once at least this share of those it counts
+#: has been seen finishing.
+MIN_FINISHED_SHARE = 0.1
+
+
 class DurationModel:
     """Import duration as ``a + b * size``, fitted to the imports seen finishing.
 
@@ -220,7 +225,9 @@ class DurationModel:
         pending = _evenly(pending, math.ceil(share * len(pending)))
         self._line = None
         self._refit_quantiles = None
-        if not pending:
+        if not pending or len(done) < MIN_FINISHED_SHARE * (len(done) + len(pending)):
+            # None running, or too few seen finishing to tell even how quick the quickest
+            # tenth is: what lies beyond them is unknown, and the plain fit is kept.
             return
         intercept, slope = _line([x for x, _ in done], [y for _, y in done])
         for _ in range(self.ROUNDS):
@@ -233,18 +240,20 @@ class DurationModel:
             xs = [x for x, _ in done] + [x for x, _ in pending]
             ys = [y for _, y in done] + imputed
             intercept, slope = _line(xs, ys)
-        self._line = (intercept, slope)
         fitted = [max(1e-3, intercept + slope * x) for x, _ in done]
         curve = _KaplanMeier(
             [y / f for (_, y), f in zip(done, fitted, strict=True)],
             [e / max(1e-3, intercept + slope * x) for x, e in pending],
         )
+        low = curve.quantile(0.10, default=math.nan)
+        if math.isnan(low):
+            return
+        self._line = (intercept, slope)
+        self._quantiles = None  # the plain quantiles, against the new line
         raw = self._raw_spread()
-        self._refit_quantiles = (
-            curve.quantile(0.10, default=raw[0]),
-            max(curve.quantile(0.95, default=raw[1]), curve.quantile(0.10, default=raw[0])),
-            max(y / f for (_, y), f in zip(done, fitted, strict=True)),
-        )
+        high = max(curve.quantile(0.95, default=raw[1]), low)
+        slowest = max(y / f for (_, y), f in zip(done, fitted, strict=True))
+        self._refit_quantiles = (low, high, max(slowest, high))
 
     def fit(self, size: int | None) -> float:
         """The fitted duration of an import of ``size`` bytes (once :attr:`ready`)."""
