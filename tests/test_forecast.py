@@ -138,3 +138,54 @@ async def test_the_interval_is_stretched_when_checks_would_cost_creates_an_hour(
     clock.advance(61.0)
     poller._retune(clock.monotonic())
     assert poller.interval == 30.0
+
+
+@pytest.mark.anyio
+async def test_the_endgame_starts_at_once_and_pulls_in_planned_listings() -> None:
+    """The last create sent with three images left: the interval drops to a third at once
+    (not at the next minute's retune), and a group listing planned at the old interval is
+    brought within the new one (the run's end is the last image seen)."""
+    clock = FakeClock()
+    poller = StatusPoller(_Images(), clock, first_poll=60.0, poll_interval=30.0)  # type: ignore[arg-type]
+    creates = [10]
+    poller.pace_with(_NoBudget(), lambda: creates[0])
+    _learned(poller)
+    async with anyio.create_task_group() as tg:
+        for image_id in (1, 2, 3):
+            tg.start_soon(_wait, poller, image_id, "g1")
+        await anyio.lowlevel.checkpoint()
+        poller._retune(clock.monotonic())
+        assert poller.interval == 30.0
+        poller.take_listing("g1", [])  # listed: next at about 30 s from now
+        creates[0] = 0
+        clock.advance(1.0)
+        now = clock.monotonic()
+        poller._retune(now)
+        assert poller.interval == pytest.approx(10.0)
+        stats = poller._groups["g1"]
+        assert stats.next_listing is not None
+        assert stats.next_listing <= now + 11.0
+        assert all(watch.due <= now + 11.0 for watch in stats.unfinished())
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_an_import_counts_as_slow_for_as_long_as_it_was_seen_importing() -> None:
+    """Imports learned to take 300 s; one listed importing 200 s after its create, and not
+    listed since, 400 s after it: the slowest import may have taken 200 s, not 400 s (it may
+    be done, unseen), so groups are planned 25% beyond the fit (the prior), not 33%."""
+    clock = FakeClock()
+    poller = StatusPoller(_Images(), clock, first_poll=60.0, poll_interval=30.0)  # type: ignore[arg-type]
+    poller.pace_with(_NoBudget(), lambda: 0)
+    _learned(poller)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_wait_since, poller, 1, "g1", clock.wall() - 200.0)
+        await anyio.lowlevel.checkpoint()
+        poller.take_listing("g1", [])
+        clock.advance(200.0)
+        assert poller._tail_ratio(clock.monotonic()) == pytest.approx(1.25)
+        tg.cancel_scope.cancel()
+
+
+async def _wait_since(poller: StatusPoller, image_id: int, group: str, submitted: float) -> None:
+    await poller.wait(image_id, _ignore, group=group, size=GIB, submitted_at=submitted)
