@@ -230,6 +230,10 @@ class Importer:
         #: Entries whose report row changed since :meth:`changed_results` last asked (at
         #: first, all of them).
         self._changed: set[int] = {entry.index for entry in manifest.entries}
+        #: The interim rows in manifest order, as :meth:`interim_results` last made them,
+        #: and the entries changed since (at first, all of them).
+        self._interim: dict[int, ImageResult] = {}
+        self._interim_changed: set[int] = set(self._changed)
 
     # -- running ------------------------------------------------------------------
 
@@ -849,6 +853,7 @@ class Importer:
         """An entry's state or report row changed: count it anew (O(1), not a recount)."""
         index = entry.item.index
         self._changed.add(index)
+        self._interim_changed.add(index)
         moved = self.tally.move(index, entry.progress_label)
         if moved and entry.state is State.FINISHED and not entry.result.outcome.is_success:
             self.tally.failed(entry.result)
@@ -868,8 +873,21 @@ class Importer:
         return tuple(self._result(entry, interim=False) for entry in self._manifest.entries)
 
     def interim_results(self) -> tuple[ImageResult, ...]:
-        """:meth:`results` while the run goes on: an image being imported is ``pending``."""
-        return tuple(self._result(entry, interim=True) for entry in self._manifest.entries)
+        """:meth:`results` while the run goes on: an image being imported is ``pending``.
+
+        Only the rows of entries that changed since the last call are made anew; the
+        others are the very objects returned then, so that a
+        :class:`~importer.report.ReportWriter` renders only the rows that changed.
+        """
+        rows = self._interim
+        if not rows:  # the first call: every entry in manifest order
+            for entry in self._manifest.entries:
+                rows[entry.index] = self._result(entry, interim=True)
+        else:
+            for index in self._interim_changed:
+                rows[index] = self._result(self._by_index[index], interim=True)
+        self._interim_changed = set()
+        return tuple(rows.values())
 
     def changed_results(self) -> tuple[ImageResult, ...]:
         """The interim results of the entries that changed since the last call."""
