@@ -307,8 +307,10 @@ class Importer:
     async def _plan_and_submit(self, inventory: Inventory) -> None:
         """Decide each entry as its source answers; hand imports their turns meanwhile."""
         manifest = self._manifest
-        own = {entry_tag(manifest.set, e.name, e.region) for e in manifest.entries}
-        orphans = inventory.orphans(own)
+        # Not kept in a local: this frame lasts the whole run (a set of 50,000 tags).
+        orphans = inventory.orphans(
+            {entry_tag(manifest.set, e.name, e.region) for e in manifest.entries}
+        )
         self.orphans = {
             image.id: OrphanResult(image.id, image.name, entry_tag_of(image), image.status)
             for image in orphans
