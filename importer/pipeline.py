@@ -1088,9 +1088,12 @@ async def run_import(
                 await importer.run(stopper)
                 checkpoints.cancel_scope.cancel()
             final = report(importer.results(), importer.stopped)
+            # Every entry has ended (or was never decided): its interim row is its final
+            # one, so the rows that changed since the last record complete the journal's
+            # copy (rewriting all 50,000 of them cost a second and 20 MB at the end).
             journal.run_recorded(
-                run_id, _compact(replace(final, images=())), _rows(final.images), clock.wall(),
-                ended=True,
+                run_id, _compact(replace(final, images=())), _rows(importer.changed_results()),
+                clock.wall(), ended=True,
             )  # fmt: skip
             journal.deletions_reported(
                 [i for r in final.images for i in (*r.duplicates_deleted, *r.deleted)]
