@@ -58,7 +58,14 @@ from importer.outputs import Outputs, path_error
 from importer.pipeline import Stopper, plan_only, run_import
 from importer.plan import RunPlan
 from importer.progress import RunMonitor, RunSnapshot, preparing
-from importer.report import RUNNING, Report, plural, unwritable_reason, write_json_atomic
+from importer.report import (
+    RUNNING,
+    Report,
+    ReportWriter,
+    plural,
+    unwritable_reason,
+    write_json_atomic,
+)
 from importer.settings import Settings, Token, default_api_url
 from importer.simulator import SimulatorConfig, run_simulator
 from importer.sources import SourceProber
@@ -427,12 +434,14 @@ def run(
     view = LiveView() if not quiet and log_format == "console" and sys.stderr.isatty() else None
     level = logging.DEBUG if verbose else logging.WARNING if quiet or view else logging.INFO
     options: dict[str, Any] = {"loop_factory": VirtualTimeLoop} if virtual_time else {}
+    # One writer for every rewrite and the last: it renders only the rows that changed.
+    writer = ReportWriter()
 
     def checkpoint(interim: Report) -> None:
         """Rewrite the outputs during the run, so that a killed run leaves recent ones."""
         try:
             if not to_stdout:
-                interim.write(settings.report_path)
+                writer.write(interim, settings.report_path)
             outputs.write(interim, final=False)
         except (OSError, OutputPathError) as exc:
             structlog.get_logger("importer.cli").warning("outputs.write_failed", error=str(exc))
@@ -453,7 +462,7 @@ def run(
         report = anyio.run(_run, loaded, settings, journal, run_options, backend_options=options)
     if view is not None:
         configure_logging(log_format, secrets=[token.value], level=level)
-    _finish(report, settings.report_path, outputs, log_format, quiet=quiet)
+    _finish(report, settings.report_path, outputs, log_format, quiet=quiet, writer=writer)
 
 
 def _finish(
@@ -463,15 +472,18 @@ def _finish(
     log_format: LogFormat,
     *,
     quiet: bool = False,
+    writer: ReportWriter | None = None,
 ) -> NoReturn:
     """Write the report and the outputs, print the summary, exit with the run's code.
 
-    A file that cannot be written is said after the summary, with exit 2.
+    A file that cannot be written is said after the summary, with exit 2. ``writer``:
+    the one that wrote the run's rewrites (it renders only the rows changed since).
     """
+    writer = writer or ReportWriter()
     failure: ImporterError | None = None
     if report_path is not None and report_path != DASH:
         try:
-            report.write(report_path)
+            writer.write(report, report_path)
         except OSError as exc:
             reason = exc.strerror or str(exc)
             failure = OutputPathError(str(report_path), reason, fix=_REPORT_FIX)
@@ -481,7 +493,7 @@ def _finish(
         except OutputPathError as error:
             failure = error
     if report_path == DASH:
-        click.echo(report.to_text(), nl=False)
+        click.echo(writer.text(report), nl=False)
         # Standard output holds the JSON alone; in JSON logs, run.finished has the counts.
         if log_format == "console":
             click.echo(report.human_summary(), err=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import replace
@@ -326,3 +327,22 @@ async def test_report_is_recorded_every_minute_and_at_the_stop(tmp_path: Path) -
     assert record is not None
     assert record.ended
     assert last_report(state).to_json() == final.to_json()
+
+
+@pytest.mark.anyio
+async def test_rewrites_hand_over_unchanged_rows_as_the_same_objects() -> None:
+    """Each rewrite's rows are the last one's objects where nothing changed (O(changes) writing)."""
+    seen: list[Report] = []
+    config = SimulatorConfig.demo(new_seconds=30.0, pending_seconds=200.0)
+    async with run_simulator(config) as sim:
+        settings = settings_for(sim.base_url, deadline=330.0)
+        await run_import(manifest_of(*image_urls(3)), settings, on_checkpoint=seen.append)
+    assert len(seen) >= 3
+    pairs = [
+        (a, b)
+        for one, two in itertools.pairwise(seen)
+        for a, b in zip(one.images, two.images, strict=True)
+    ]
+    assert all(a is b or a != b for a, b in pairs)
+    assert any(a is b for a, b in pairs)
+    assert any(a != b for a, b in pairs)

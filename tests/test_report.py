@@ -6,6 +6,7 @@ import json
 import os
 import stat
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from importer.report import (
     Outcome,
     Renamed,
     Report,
+    ReportWriter,
     unwritable_reason,
 )
 
@@ -156,3 +158,58 @@ def test_report_v2_reads_back_renames_deletions_and_orphans() -> None:
         orphans=(OrphanResult(4, "gone", "importer:9", "available", deleted=True),),
     )  # fmt: skip
     assert Report.from_json(report.to_json()) == report
+
+
+def _rich_report() -> Report:
+    """A report with a row of every kind the summary counts (outcomes, actions, regions...)."""
+    return Report(
+        manifest="m.yaml", api_url="https://api.example.com", started_at=1_790_000_000.0,
+        finished_at=1_790_000_900.0, requests=9, rate_limited=1, set="nightly",
+        requests_by_endpoint={"POST /v2/images": 2, "GET /v2/images": 1},
+        images=(
+            ImageResult(
+                index=0, name="a", region="nyc3", tag="importer:1", outcome=Outcome.AVAILABLE,
+                image_id=6, action="replace", version="ec29c26b5064", version_source="etag",
+                renamed=(Renamed(2, "a", "a@old"),), deleted=(1,), duplicates_deleted=(7, 8),
+                regions=(("ams3", "transferred"), ("sgp1", "transfer_failed: it broke")),
+            ),
+            ImageResult(index=1, name="b \u00e9\"", region="ams3", tag="importer:2",
+                        outcome=Outcome.PENDING, image_id=9, action="create",
+                        regions=(("fra1", "transferring"),)),
+            ImageResult(index=2, name="c", region="sfo3", tag="importer:3",
+                        outcome=Outcome.NOT_SUBMITTED, error="rate limited"),
+        ),
+        orphans=(OrphanResult(4, "gone", "importer:9", "available", deleted=True),),
+    )  # fmt: skip
+
+
+def test_writer_writes_the_report_byte_for_byte(tmp_path: Path) -> None:
+    """A ReportWriter's file is Report.write's, for a first report, a changed one and none."""
+    writer = ReportWriter()
+    first = _rich_report()
+    row = first.images[1]
+    done = replace(row, outcome=Outcome.AVAILABLE, action=None, regions=(("fra1", "transferred"),))
+    changed = replace(first, images=(first.images[0], done, first.images[2]), requests=12)
+    emptied = replace(first, images=(), orphans=())
+    for report in (first, changed, first, emptied, first):
+        (tmp_path / "expected.json").unlink(missing_ok=True)
+        report.write(tmp_path / "expected.json")
+        writer.write(report, tmp_path / "written.json")
+        assert (tmp_path / "written.json").read_bytes() == (tmp_path / "expected.json").read_bytes()
+        assert writer.text(report) == report.to_text()
+
+
+def test_writer_renders_only_the_rows_that_changed(tmp_path: Path) -> None:
+    """Rewriting a 1,000-row report with one row changed renders that row, not 1,000."""
+    report = report_of(1000, 5)
+    writer = ReportWriter()
+    writer.write(report, tmp_path / "r.json")
+    assert writer.rendered == 1000
+    images = list(report.images)
+    images[500] = replace(images[500], outcome=Outcome.FAILED, error="it broke")
+    changed = replace(report, images=tuple(images), requests=6)
+    writer.write(changed, tmp_path / "r.json")
+    writer.write(changed, tmp_path / "r.json")
+    assert writer.rendered == 1001
+    assert (tmp_path / "r.json").read_text() == changed.to_text()
+    assert json.loads((tmp_path / "r.json").read_text())["summary"]["failed"] == 1
