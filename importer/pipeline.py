@@ -173,7 +173,7 @@ class Importer:
         prune: bool = False,
         on_plan: Callable[[RunPlan], None] | None = None,
         size_order: bool = True,
-        transfers: Transfers | None = None,
+        transfers: Transfers,
     ) -> None:
         self._manifest = manifest
         self._set_tag = set_tag(manifest.set)
@@ -199,15 +199,7 @@ class Importer:
         self.plan: RunPlan | None = None
         self.orphans: dict[int, OrphanResult] = {}
         poller.on_listed = self._listed
-        self._transfers = transfers or Transfers(
-            client,
-            journal,
-            clock,
-            first_poll=settings.first_poll,
-            poll_interval=settings.poll_interval,
-            timeout=settings.image_timeout,
-            max_transfers=settings.max_transfers,
-        )
+        self._transfers = transfers
         # One listing serves both: the poller hears the transfers' listings, and passes
         # every listing on (see _listed).
         self._transfers.on_listing = poller.take_listing
