@@ -409,6 +409,35 @@ class _KaplanMeier:
         return default
 
 
+def next_check(
+    model: DurationModel,
+    size: int | None,
+    started: float,
+    now: float,
+    *,
+    checks: int,
+    interval: float,
+) -> float:
+    """When to look again at a watch (an import, a transfer) begun at ``started`` and
+    looked at ``checks`` times: when one of its size is likely done, else in an interval."""
+    if model.ready:
+        early = started + model.early(size)
+        return early if early > now else now + interval
+    # Nothing learned yet: back off, so a long first one costs few requests. Capped
+    # exponent: a float power overflows after ~1,750 checks of a stuck one.
+    return now + min(interval * 1.5 ** min(checks, 4), 4 * interval)
+
+
+def overdue(
+    model: DurationModel, size: int | None, elapsed: float, *, interval: float, first_poll: float
+) -> bool:
+    """Whether a watch ``elapsed`` seconds old has taken so much longer than its like that
+    only asking for it by id can tell what became of it."""
+    if model.ready:
+        return elapsed > 2 * model.late(size) + interval
+    return elapsed > 8 * first_poll
+
+
 @dataclass(eq=False)
 class _Watch:
     image_id: int
@@ -1100,10 +1129,13 @@ class StatusPoller:
         if self.lists_in_progress:
             # Listings show every live image: one missing from its group has failed.
             return True
-        elapsed = now - watch.submitted
-        if self.model.ready:
-            return elapsed > 2 * self.model.late(watch.size) + self._interval
-        return elapsed > 8 * self._first_poll
+        return overdue(
+            self.model,
+            watch.size,
+            now - watch.submitted,
+            interval=self._interval,
+            first_poll=self._first_poll,
+        )
 
     def _last_call_due(self, watch: _Watch, now: float) -> bool:
         return watch.directs == 0 and now >= watch.submitted + self._last_call
@@ -1117,13 +1149,14 @@ class StatusPoller:
 
     def _next_check(self, watch: _Watch, now: float) -> float:
         watch.checks += 1
-        if self.model.ready:
-            early = watch.submitted + self.model.early(watch.size)
-            when = early if early > now else now + self._interval
-        else:
-            # Nothing learned yet: back off, so a long first import costs few requests.
-            # Capped exponent: a float power overflows after ~1,750 checks of a stuck image.
-            when = now + min(self._interval * 1.5 ** min(watch.checks, 4), 4 * self._interval)
+        when = next_check(
+            self.model,
+            watch.size,
+            watch.submitted,
+            now,
+            checks=watch.checks,
+            interval=self._interval,
+        )
         return self._not_after_last_call(watch, when)
 
     def _not_after_last_call(self, watch: _Watch, when: float) -> float:

@@ -80,7 +80,7 @@ from importer.errors import (
 from importer.governor import Priority
 from importer.inventory import GROUP_TAG_PREFIX
 from importer.journal import Journal
-from importer.poller import DurationModel
+from importer.poller import DurationModel, next_check, overdue
 
 #: The states of a region the image is transferred to, as the report gives them.
 TRANSFERRED = "transferred"
@@ -507,10 +507,13 @@ class Transfers:
             return True
         if watch.unlisted >= UNLISTED_CHECKS:
             return True
-        elapsed = now - watch.started
-        if self.model.ready:
-            return elapsed > 2 * self.model.late(watch.size) + self._interval
-        return elapsed > 8 * self._first_poll
+        return overdue(
+            self.model,
+            watch.size,
+            now - watch.started,
+            interval=self._interval,
+            first_poll=self._first_poll,
+        )
 
     def _first_check(self, watch: _Watch, now: float) -> float:
         if self.model.ready:
@@ -521,12 +524,9 @@ class Transfers:
 
     def _next_check(self, watch: _Watch, now: float) -> float:
         watch.checks += 1
-        if self.model.ready:
-            early = watch.started + self.model.early(watch.size)
-            when = early if early > now else now + self._interval
-        else:
-            # Nothing learned yet: back off, so a long first transfer costs few listings.
-            when = now + min(self._interval * 1.5**watch.checks, 4 * self._interval)
+        when = next_check(
+            self.model, watch.size, watch.started, now, checks=watch.checks, interval=self._interval
+        )
         return self._not_after_last_call(watch, when)
 
     def _not_after_last_call(self, watch: _Watch, when: float) -> float:
