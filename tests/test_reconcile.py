@@ -64,6 +64,15 @@ def failing(seconds: float) -> dict[str, Any]:
     return {"fail_after": seconds, "failure_message": DECOMPRESS_ERROR}
 
 
+def imports_from_now_fail(world: World, *, after: float) -> None:
+    """Every import created from now on fails ``after`` seconds (copies made so far keep
+    their plans)."""
+    plan_import = world.plan_import
+    world.plan_import = (  # type: ignore[method-assign]
+        lambda name, url: replace(plan_import(name, url), **failing(after))
+    )
+
+
 # -- the listing lag -------------------------------------------------------------
 
 
@@ -242,10 +251,7 @@ async def test_an_image_that_vanished_still_runs_the_sweep(tmp_path: Path) -> No
         journal_lost_create(state)
         # The lost create's copy: listed only after 10 s, available after 30 s.
         first = make_copy(sim.world, pending_seconds=29.0)
-        plan_import = sim.world.plan_import
-        sim.world.plan_import = (  # type: ignore[method-assign]
-            lambda name, url: replace(plan_import(name, url), **failing(0.5))
-        )
+        imports_from_now_fail(sim.world, after=0.5)
         # A window shorter than the lag: taken absent, so a second copy is made.
         settings = settings_for(sim.base_url, state_path=state, reconcile_window=5.0)
         report = await run_import(ONE, settings)
@@ -348,10 +354,7 @@ async def test_a_failed_polled_copy_gives_way_to_an_available_one(tmp_path: Path
     async with run_simulator(SimulatorConfig.demo()) as sim:
         journal_lost_create(state)
         original = make_copy(sim.world, new_seconds=1.0, pending_seconds=5.0)
-        plan_import = sim.world.plan_import
-        sim.world.plan_import = (  # type: ignore[method-assign]
-            lambda name, url: replace(plan_import(name, url), **failing(0.5))
-        )
+        imports_from_now_fail(sim.world, after=0.5)
         settings = settings_for(sim.base_url, state_path=state, reconcile_window=5.0)
         report = await run_import(ONE, settings)
         live = live_images_by_tag(sim.world)
