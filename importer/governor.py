@@ -65,11 +65,17 @@ HOUR = 3600.0
 #: A window is checked ahead in this many steps (a create may leave only if the status
 #: checks forecast up to the end of each step fit beside what is still counted at its
 #: start), and the first step's forecast is kept free right now...
-RESERVE_STEPS = 12
-#: ...steps of at most this long (the hour is checked minute by minute).
+RESERVE_STEPS = 60
+#: ...steps of at most this long (the hour is checked minute by minute, the minute
+#: second by second). A step counts each request still held at its start until its end,
+#: against the checks due by its end: in a minute, where the last minute's listings
+#: expire one every few seconds, 5-second steps (12 a window) kept a create or two of
+#: each minute idle, and at 3,000 images the last creates waited for the next minute.
 RESERVE_STEP = 60.0
-#: How long a forecast is used before it is asked again.
+#: How long a forecast, and the room it leaves, are used before they are asked again...
 RESERVE_REFRESH = 5.0
+#: ...at most this share of the window (a window of a few seconds asks more often).
+RESERVE_REFRESH_SHARE = 1 / 12
 #: Status checks are kept at most this share of a window: a forecast beyond what the
 #: window can give (a poll interval of seconds, a limit of a few a minute) must not stop
 #: creates altogether.
@@ -208,7 +214,9 @@ class _Reserve:
     def __init__(self, log: SlidingLog) -> None:
         self.log = log
         self.step = min(RESERVE_STEP, log.span / RESERVE_STEPS)
-        self.refresh = min(RESERVE_REFRESH, self.step)
+        # Not every step: a minute's room computed each second would wake every create
+        # waiting for it each second, for nothing most of the time.
+        self.refresh = min(RESERVE_REFRESH, log.span * RESERVE_REFRESH_SHARE)
         self.most = math.floor(log.window.limit * RESERVE_MAX_SHARE)
         self._room = 0
         self._at = -math.inf

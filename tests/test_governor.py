@@ -411,6 +411,29 @@ async def test_creates_may_use_every_request_status_checks_will_not_need() -> No
         tg.cancel_scope.cancel()
 
 
+@pytest.mark.anyio
+async def test_a_create_counts_on_requests_that_expire_within_the_minute() -> None:
+    """A minute holding 60 listings that expire in 7.5 s, and checks forecast at one a
+    second: a create fits at once (the listings due before they expire still find room),
+    where 5-second steps counted those 60 until 10 s on and held it back 5 s."""
+    clock = LoopClock()
+    governor = Governor(
+        clock,
+        concurrency=2,
+        windows=(Window(70, 60.0),),
+        margin=0.0,
+        forecast=FixedForecast(3600, within=3600.0),
+    )
+    start = clock.monotonic()
+    for _ in range(60):
+        async with governor.slot(Priority.STATUS):
+            pass
+    await anyio.sleep(52.5)
+    async with governor.slot(Priority.CREATE):
+        left = clock.monotonic() - start
+    assert left == 52.5
+
+
 async def _creates_at_3500(forecast: StatusForecast) -> int:
     """In a 100-request hour whose first 90 went at 0 s, how many of 10 creates go at 3,500 s."""
     clock = LoopClock()
