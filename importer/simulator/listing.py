@@ -22,7 +22,10 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from bisect import bisect_left
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
@@ -95,13 +98,21 @@ class _Tag:
 
 @dataclass(slots=True)
 class _Entry:
+    # One per image of the account: its place in each large tag is found when needed
+    # (a search of the tag's images, which are in id order), not kept.
     image: SimImage
-    #: Its 1-based position in each large tag that holds it.
-    positions: dict[str | None, int] = field(default_factory=dict)
-    #: Whether the large listings show it, per kind (index: ``in_progress``).
-    shown: list[bool] = field(default_factory=lambda: [False, False])
+    #: Whether a large tag holds it.
+    large: bool = False
+    #: Whether the large listings show it, one bit per kind (bit ``in_progress``).
+    shown: int = 0
     #: When it is next due for a look (earlier notes of it in the queue are stale).
     due: float | None = None
+
+    def is_shown(self, kind: bool) -> bool:
+        return bool(self.shown >> kind & 1)
+
+
+_ID = attrgetter("id")
 
 
 class ListingIndex:
@@ -123,16 +134,16 @@ class ListingIndex:
             group = self._tags.setdefault(tag, _Tag())
             group.images.append(image)
             if group.counts is not None:
-                self._place(entry, tag, len(group.images), group.counts)
+                self._place(entry, group.counts)
             elif len(group.images) > self._direct_max:
                 self._grow(tag, group)
-        if entry.positions and entry.due is None:
+        if entry.large and entry.due is None:
             self._look(entry)
 
     def deleted(self, image: SimImage) -> None:
         """``image`` was deleted by the user: the large listings drop it now."""
         entry = self._entries.get(image.id)
-        if entry is not None and entry.positions:
+        if entry is not None and entry.large:
             self._look(entry)
 
     def page(
@@ -156,20 +167,30 @@ class ListingIndex:
 
     def _grow(self, tag: str | None, group: _Tag) -> None:
         group.counts = (_Counts(), _Counts())
-        for position, image in enumerate(group.images, start=1):
+        for image in group.images:
             entry = self._entries[image.id]
-            fresh = not entry.positions
-            self._place(entry, tag, position, group.counts)
+            fresh = not entry.large
+            self._place(entry, group.counts)
             if fresh:
                 self._look(entry)  # the first large tag it is in
 
-    def _place(
-        self, entry: _Entry, tag: str | None, position: int, counts: tuple[_Counts, _Counts]
-    ) -> None:
-        """Put ``entry`` at ``position`` (the next one) of a large tag's counts."""
-        entry.positions[tag] = position
+    def _place(self, entry: _Entry, counts: tuple[_Counts, _Counts]) -> None:
+        """Put ``entry`` at the next position of a large tag's counts (its place in the tag)."""
+        entry.large = True
         for kind in (False, True):
-            counts[kind].append(entry.shown[kind])
+            counts[kind].append(entry.is_shown(kind))
+
+    def _positions(self, image: SimImage) -> Iterator[tuple[_Counts, _Counts, int]]:
+        """The counts of each large tag placed to hold ``image``, and its position there."""
+        for tag in (None, *image.tags):
+            group = self._tags.get(tag)
+            if group is None or group.counts is None:
+                continue
+            images = group.images
+            position = bisect_left(images, image.id, key=_ID)
+            # A tag it is not appended to yet (its add is under way) does not count it.
+            if position < len(images) and images[position] is image:
+                yield (*group.counts, position + 1)
 
     def _catch_up(self, now: float) -> None:
         due = self._due
@@ -184,12 +205,10 @@ class ListingIndex:
         image = entry.image
         for kind in (False, True):
             now_shown = visible(image, kind)
-            if now_shown != entry.shown[kind]:
-                entry.shown[kind] = now_shown
+            if now_shown != entry.is_shown(kind):
+                entry.shown ^= 1 << kind
                 delta = 1 if now_shown else -1
-                for tag, position in entry.positions.items():
-                    counts = self._tags[tag].counts
-                    assert counts is not None
+                for *counts, position in self._positions(image):
                     counts[kind].add(position, delta)
         entry.due = None
         if image.deleted_by_user:
