@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
@@ -88,7 +89,8 @@ def set_tag(set_name: str) -> str:
     problem = set_problem(set_name)
     if problem is not None:
         raise ValueError(problem)
-    return SET_TAG_PREFIX + set_name
+    # One copy, not one per entry planned (every entry's create carries it).
+    return sys.intern(SET_TAG_PREFIX + set_name)
 
 
 def entry_tag(set_name: str, name: str, region: str) -> str:

@@ -192,6 +192,9 @@ class IllegalTransitionError(RuntimeError):
 class Turn:
     """One entry's turn to submit (a slot of a semaphore), handed back at most once."""
 
+    # One per manifest entry, for the whole run.
+    __slots__ = ("_semaphore",)
+
     def __init__(self, semaphore: anyio.Semaphore | None = None) -> None:
         self._semaphore = semaphore
 

@@ -82,6 +82,7 @@ import difflib
 import json
 import os
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -667,18 +668,20 @@ def _check_image(
     if len(problems) > count or name is None or url is None or not regions:
         return None, key
     assert region is not None
+    # Regions, distributions and tags repeat across entries, but each entry's YAML gives
+    # it new copies: one copy each (four strings an entry, 11 MB of 50,000 entries).
     entry = Entry(
         index,
         name,
         url,
-        region,
-        distribution,
+        sys.intern(region),
+        None if distribution is None else sys.intern(distribution),
         description,
-        tags,
+        tuple(map(sys.intern, tags)),
         checksum=checksum,
         checksums_url=checksums_url,
         keep=DEFAULT_KEEP if keep is None else keep,
-        transfer_regions=regions[1:],
+        transfer_regions=tuple(map(sys.intern, regions[1:])),
     )
     return entry, key
 

@@ -314,6 +314,8 @@ class Importer:
         now = isoformat(self._clock.wall())
         decided: list[PlannedImport] = []
         turns = self._turns
+        # One bound method for every entry, not one each.
+        observer = self._entry_changed
         async with anyio.create_task_group() as images:
             if self._prune and orphans:
                 images.start_soon(self._prune_orphans, orphans)
@@ -328,7 +330,7 @@ class Importer:
                 decided.append(item)
                 self._known[item.tag] = {image.id: image for image in inventory.entry(item.tag)}
                 lifecycle = EntryLifecycle(
-                    item, self._journal, self._clock, self._log, observer=self._entry_changed
+                    item, self._journal, self._clock, self._log, observer=observer
                 )
                 self._entries[index] = lifecycle
                 self._start(lifecycle, queue, images)

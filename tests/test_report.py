@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import random
 import stat
+import tracemalloc
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+import importer.report as report_module
 from importer.report import (
     ImageResult,
     OrphanResult,
@@ -213,3 +217,91 @@ def test_writer_renders_only_the_rows_that_changed(tmp_path: Path) -> None:
     assert writer.rendered == 1001
     assert (tmp_path / "r.json").read_text() == changed.to_text()
     assert json.loads((tmp_path / "r.json").read_text())["summary"]["failed"] == 1
+
+
+def _changed_rows(report: Report, rng: random.Random, share: float) -> Report:
+    images = tuple(
+        replace(row, outcome=Outcome.FAILED, error=f"broke {rng.random()}")
+        if rng.random() < share
+        else row
+        for row in report.images
+    )
+    return replace(report, images=images, requests=report.requests + 1)
+
+
+def test_writer_copies_unchanged_rows_byte_for_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows copied from the previous file (in many pieces) give Report.write's bytes."""
+    # Small pieces: runs of unchanged rows are cut where they grow past the limit.
+    monkeypatch.setattr(report_module, "COPY_BYTES", 700)
+    rng = random.Random(7)
+    report = report_of(300, 1)
+    writer = ReportWriter()
+    rendered = 0
+    for share in (0.0, 0.01, 0.2, 0.0, 1.0, 0.05):
+        report = _changed_rows(report, rng, share)
+        before = writer.rendered
+        writer.write(report, tmp_path / "r.json")
+        rendered += writer.rendered - before
+        assert (tmp_path / "r.json").read_text() == report.to_text()
+        assert writer.text(report) == report.to_text()
+    # Each row rendered once, then only where it changed.
+    assert rendered < 300 + 300 * 1.3
+
+
+def test_writer_renders_everything_when_its_file_was_changed(tmp_path: Path) -> None:
+    """A report file replaced or edited since the writer wrote it is not copied from."""
+    path = tmp_path / "r.json"
+    report = report_of(50, 1)
+    writer = ReportWriter()
+    writer.write(report, path)
+    path.write_text(path.read_text().replace("img-1", "IMG-1"))  # same size, edited
+    again = replace(report, requests=2)
+    writer.write(again, path)
+    assert path.read_text() == again.to_text()
+    assert writer.rendered == 100
+    path.unlink()
+    assert writer.text(again) == again.to_text()
+    assert writer.rendered == 150
+
+
+def test_writer_after_a_failed_write_copies_from_the_file_it_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that fails midway leaves the previous file, which the next write copies from."""
+    path = tmp_path / "r.json"
+    report = report_of(100, 1)
+    writer = ReportWriter()
+    writer.write(report, path)
+    changed = _changed_rows(report, random.Random(1), 0.1)
+
+    def disk_full() -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", lambda fd: disk_full())
+    with pytest.raises(OSError, match="No space"):
+        writer.write(changed, path)
+    monkeypatch.undo()
+    assert path.read_text() == report.to_text()
+    again = _changed_rows(changed, random.Random(2), 0.1)
+    writer.write(again, path)
+    assert path.read_text() == again.to_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_writer_keeps_no_text_of_its_rows(tmp_path: Path) -> None:
+    """Between rewrites the writer holds a few bytes a row, not the row's text (~600 bytes)."""
+    report = report_of(2000, 1)
+    writer = ReportWriter()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        writer.write(report, tmp_path / "r.json")
+        writer.write(replace(report, requests=2), tmp_path / "r.json")
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 40 * len(report.images)

@@ -13,7 +13,9 @@ reading each status from the clock: exact whatever happens to its images. A larg
 in a Fenwick tree, one per kind of listing: the total is a lookup and each image of the
 page a search, O(log N). The trees follow the clock lazily: each image is due for a look
 when its plan says it turns available or deleted, and a listing first looks at the images
-that came due. Each look reads the status from the clock, as the small path does; a plan
+that came due (an image's position in each large tag is then found by a binary search of
+the tag's images, not kept: an account of 50,000 images would keep 50,000 dictionaries of
+them). Each look reads the status from the clock, as the small path does; a plan
 changed later only to finish *earlier* would be noticed at its old time in large listings.
 """
 
@@ -22,7 +24,10 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from dataclasses import dataclass, field
+from bisect import bisect_left
+from collections.abc import Iterator
+from dataclasses import dataclass
+from operator import attrgetter
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
@@ -85,23 +90,22 @@ class _Counts:
 
 
 @dataclass(slots=True)
-class _Tag:
-    """The images with one tag (or all images, for ``None``), in id order."""
-
-    images: list[SimImage] = field(default_factory=list)
-    #: Per kind of listing (index: ``in_progress``), once the tag has grown large.
-    counts: tuple[_Counts, _Counts] | None = None
-
-
-@dataclass(slots=True)
 class _Entry:
+    # One per image of the account: its place in each large tag is found when needed
+    # (a search of the tag's images, which are in id order), not kept.
     image: SimImage
-    #: Its 1-based position in each large tag that holds it.
-    positions: dict[str | None, int] = field(default_factory=dict)
-    #: Whether the large listings show it, per kind (index: ``in_progress``).
-    shown: list[bool] = field(default_factory=lambda: [False, False])
+    #: Whether a large tag holds it.
+    large: bool = False
+    #: Whether the large listings show it, one bit per kind (bit ``in_progress``).
+    shown: int = 0
     #: When it is next due for a look (earlier notes of it in the queue are stale).
     due: float | None = None
+
+    def is_shown(self, kind: bool) -> bool:
+        return bool(self.shown >> kind & 1)
+
+
+_ID = attrgetter("id")
 
 
 class ListingIndex:
@@ -109,7 +113,11 @@ class ListingIndex:
 
     def __init__(self, *, direct_max: int = DIRECT_MAX) -> None:
         self._direct_max = direct_max
-        self._tags: dict[str | None, _Tag] = {}
+        #: The images with each tag (or all images, for ``None``), in id order: a list, no
+        #: more, since most tags (an entry's, a version's) are on one image.
+        self._tags: dict[str | None, list[SimImage]] = {}
+        #: Per large tag, the counts of each kind of listing (index: ``in_progress``).
+        self._counts: dict[str | None, tuple[_Counts, _Counts]] = {}
         self._entries: dict[int, _Entry] = {}
         #: (when, tie-breaker, image id): images due for a look.
         self._due: list[tuple[float, int, int]] = []
@@ -120,56 +128,70 @@ class ListingIndex:
         entry = _Entry(image)
         self._entries[image.id] = entry
         for tag in (None, *image.tags):
-            group = self._tags.setdefault(tag, _Tag())
-            group.images.append(image)
-            if group.counts is not None:
-                self._place(entry, tag, len(group.images), group.counts)
-            elif len(group.images) > self._direct_max:
-                self._grow(tag, group)
-        if entry.positions and entry.due is None:
+            images = self._tags.get(tag)
+            if images is None:
+                images = self._tags[tag] = []
+            images.append(image)
+            counts = self._counts.get(tag)
+            if counts is not None:
+                self._place(entry, counts)
+            elif len(images) > self._direct_max:
+                self._grow(tag, images)
+        if entry.large and entry.due is None:
             self._look(entry)
 
     def deleted(self, image: SimImage) -> None:
         """``image`` was deleted by the user: the large listings drop it now."""
         entry = self._entries.get(image.id)
-        if entry is not None and entry.positions:
+        if entry is not None and entry.large:
             self._look(entry)
 
     def page(
         self, tag: str | None, in_progress: bool, page: int, per_page: int, now: float
     ) -> tuple[list[SimImage], int]:
         """The images on ``page`` (1-based) of the listing, and how many match in all."""
-        group = self._tags.get(tag)
-        if group is None:
+        images = self._tags.get(tag)
+        if images is None:
             return [], 0
         start = (page - 1) * per_page
-        if group.counts is None:
-            matching = [image for image in group.images if visible(image, in_progress)]
+        large = self._counts.get(tag)
+        if large is None:
+            matching = [image for image in images if visible(image, in_progress)]
             return matching[start : start + per_page], len(matching)
         self._catch_up(now)
-        counts = group.counts[in_progress]
+        counts = large[in_progress]
         end = min(start + per_page, counts.total)
-        found = [group.images[counts.find(k) - 1] for k in range(start + 1, end + 1)]
+        found = [images[counts.find(k) - 1] for k in range(start + 1, end + 1)]
         return found, counts.total
 
     # -- large tags -------------------------------------------------------------
 
-    def _grow(self, tag: str | None, group: _Tag) -> None:
-        group.counts = (_Counts(), _Counts())
-        for position, image in enumerate(group.images, start=1):
+    def _grow(self, tag: str | None, images: list[SimImage]) -> None:
+        counts = self._counts[tag] = (_Counts(), _Counts())
+        for image in images:
             entry = self._entries[image.id]
-            fresh = not entry.positions
-            self._place(entry, tag, position, group.counts)
+            fresh = not entry.large
+            self._place(entry, counts)
             if fresh:
                 self._look(entry)  # the first large tag it is in
 
-    def _place(
-        self, entry: _Entry, tag: str | None, position: int, counts: tuple[_Counts, _Counts]
-    ) -> None:
-        """Put ``entry`` at ``position`` (the next one) of a large tag's counts."""
-        entry.positions[tag] = position
+    def _place(self, entry: _Entry, counts: tuple[_Counts, _Counts]) -> None:
+        """Put ``entry`` at the next position of a large tag's counts (its place in the tag)."""
+        entry.large = True
         for kind in (False, True):
-            counts[kind].append(entry.shown[kind])
+            counts[kind].append(entry.is_shown(kind))
+
+    def _positions(self, image: SimImage) -> Iterator[tuple[_Counts, _Counts, int]]:
+        """The counts of each large tag placed to hold ``image``, and its position there."""
+        for tag in (None, *image.tags):
+            counts = self._counts.get(tag)
+            if counts is None:
+                continue
+            images = self._tags[tag]
+            position = bisect_left(images, image.id, key=_ID)
+            # A tag it is not appended to yet (its add is under way) does not count it.
+            if position < len(images) and images[position] is image:
+                yield (*counts, position + 1)
 
     def _catch_up(self, now: float) -> None:
         due = self._due
@@ -184,12 +206,10 @@ class ListingIndex:
         image = entry.image
         for kind in (False, True):
             now_shown = visible(image, kind)
-            if now_shown != entry.shown[kind]:
-                entry.shown[kind] = now_shown
+            if now_shown != entry.is_shown(kind):
+                entry.shown ^= 1 << kind
                 delta = 1 if now_shown else -1
-                for tag, position in entry.positions.items():
-                    counts = self._tags[tag].counts
-                    assert counts is not None
+                for *counts, position in self._positions(image):
                     counts[kind].add(position, delta)
         entry.due = None
         if image.deleted_by_user:

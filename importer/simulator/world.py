@@ -209,7 +209,8 @@ class SimImage:
     clock: Clock = field(repr=False, compare=False)
     deleted_by_user: bool = False
     deleted_mono: float | None = None
-    transfers: list[SimAction] = field(default_factory=list)
+    #: A tuple, not a list: most images are never transferred, and every image has one.
+    transfers: tuple[SimAction, ...] = ()
 
     @property
     def elapsed(self) -> float:
@@ -968,7 +969,7 @@ class World:
         )
         self._next_action_id += 1
         self.actions[action.id] = action
-        image.transfers.append(action)
+        image.transfers = (*image.transfers, action)
         return action
 
     def get_action(self, action_id: int) -> SimAction:
@@ -1181,7 +1182,8 @@ class World:
                 error_after=None if raw.get("error_after") is None else float(raw["error_after"]),
             )
             actions[action.id] = action
-            images[action.image_id].transfers.append(action)
+            owner = images[action.image_id]
+            owner.transfers = (*owner.transfers, action)
         files: dict[str, SimFile] = {}
         for name, raw in snapshot["files"].items():
             defect = raw["defect"]
