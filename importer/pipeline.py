@@ -25,7 +25,8 @@ entry becomes *uncertain*, and the importer looks for the image by the entry's
 tag before it sends another create (see :mod:`importer.reconcile`).
 
 Once an entry's image is available, it is copied to the entry's other regions
-(:mod:`importer.transfers`), then rotation gives it the entry's name.
+(:mod:`importer.transfers`), then rotation gives it the entry's name
+(:mod:`importer.rotation`, which also keeps what the account showed of each entry).
 
 Each entry's state lives in its :class:`~importer.lifecycle.EntryLifecycle`;
 this module only orchestrates.
@@ -47,16 +48,7 @@ import structlog
 from importer.api import Image
 from importer.client import ImagesClient
 from importer.clock import Clock, LoopClock, isoformat
-from importer.converge import (
-    Action,
-    Decision,
-    Delete,
-    Rename,
-    Step,
-    created_at,
-    decide,
-    rotate,
-)
+from importer.converge import Action, Decision, created_at, decide
 from importer.errors import (
     ApiError,
     ApiUnreachableError,
@@ -70,7 +62,7 @@ from importer.errors import (
 from importer.governor import Governor, Window
 from importer.identity import entry_tag, set_tag
 from importer.inventory import Inventory, entry_tag_of, group_tag_of, read_inventory
-from importer.journal import MEMORY, PRIVATE, DeletionState, EntryState, Journal, Phase
+from importer.journal import MEMORY, PRIVATE, EntryState, Journal, Phase
 from importer.lifecycle import EntryLifecycle, State, Turn
 from importer.manifest import Entry, Manifest
 from importer.order import LargestFirst
@@ -89,6 +81,7 @@ from importer.progress import RunMonitor, Sources, Tally
 from importer.reconcile import Reconciler
 from importer.redact import redact_text
 from importer.report import RUNNING, ImageResult, OrphanResult, Outcome, Report
+from importer.rotation import Rotator
 from importer.settings import Settings
 from importer.sizing import HeadSizer
 from importer.sources import SourceProber
@@ -194,14 +187,16 @@ class Importer:
         self._turns = anyio.Semaphore(settings.concurrency)
         self._log: Log = structlog.get_logger("importer.pipeline")
         self._entries: dict[int, EntryLifecycle] = {}
-        #: Every live image of each entry of the plan, as last seen (id -> image).
-        self._known: dict[str, dict[int, Image]] = {}
         self.plan: RunPlan | None = None
         self.orphans: dict[int, OrphanResult] = {}
-        poller.on_listed = self._listed
         self._transfers = transfers
+        #: What the account showed of each entry of the plan; rotation decides from it.
+        self._rotator = Rotator(
+            client, journal, clock, transfers, set_tag=self._set_tag, log=self._log
+        )
+        poller.on_listed = self._rotator.listed
         # One listing serves both: the poller hears the transfers' listings, and passes
-        # every listing on (see _listed).
+        # every listing on (see Rotator.listed).
         self._transfers.on_listing = poller.take_listing
         self._reconciler = Reconciler(
             client,
@@ -328,7 +323,7 @@ class Importer:
                 if not item.decision.imports and not item.group:
                     item = replace(item, group=groups.first)
                 decided.append(item)
-                self._known[item.tag] = {image.id: image for image in inventory.entry(item.tag)}
+                self._rotator.track(item.tag, inventory.entry(item.tag))
                 lifecycle = EntryLifecycle(
                     item, self._journal, self._clock, self._log, observer=observer
                 )
@@ -377,7 +372,7 @@ class Importer:
             assert decision.image is not None
             entry.unchanged(decision.image)
             entry.available(decision.image)
-            self._known.pop(entry.tag, None)
+            self._rotator.drop(entry.tag)
         else:
             # Watching or rotating needs no turn to submit.
             images.start_soon(self._import_one, entry, Turn())
@@ -434,7 +429,7 @@ class Importer:
             if entry.done:
                 # What the account showed of the entry served its decisions; a large
                 # run must not keep every image's last answer to the end.
-                self._known.pop(entry.tag, None)
+                self._rotator.drop(entry.tag)
 
     async def _import(self, entry: EntryLifecycle) -> None:
         decision: Decision | None = entry.item.decision
@@ -467,7 +462,7 @@ class Importer:
                 entry.duplicates_deleted(self._journal_duplicates(entry))
                 if found is not None:
                     entry.adopted(found)
-                    self._learn(entry.tag, found)
+                    self._rotator.learn(entry.tag, found)
                     group = group_tag_of(found) or item.group
                     return await self._watch(
                         entry, found.id, group, fresh=False, ours=True, last=last
@@ -485,7 +480,7 @@ class Importer:
         image = await self._submit(entry)
         if image is None:
             return None
-        self._learn(entry.tag, image)
+        self._rotator.learn(entry.tag, image)
         group = group_tag_of(image) or item.group
         return await self._watch(entry, image.id, group, fresh=True, ours=True, last=last)
 
@@ -543,11 +538,11 @@ class Importer:
                 left = swept.left
                 for gone in (*swept.deleted, *left):
                     # Rotation must not delete them again (nor trip over those left).
-                    self._forget(entry.tag, gone)
+                    self._rotator.forget(entry.tag, gone)
                 kept = swept.kept
                 if kept is not None and kept.id != image_id:
                     entry.switched(kept)
-                    self._learn(entry.tag, kept)
+                    self._rotator.learn(entry.tag, kept)
                     image_id, fresh, ours, lost = kept.id, False, True, None
                     group = group_tag_of(kept) or entry.item.group
                     if not kept.is_available:
@@ -563,7 +558,7 @@ class Importer:
         if final is None:
             entry.timed_out(self._settings.image_timeout, note=_left_note(None, left))
             return None
-        self._learn(entry.tag, final)
+        self._rotator.learn(entry.tag, final)
         if final.is_available:
             await self._rotate(entry, final, left=left)
             await self._linger(entry)
@@ -584,14 +579,14 @@ class Importer:
         if set(deleted) - set(entry.result.duplicates_deleted):
             entry.duplicates_deleted(deleted)
             for gone in deleted:
-                self._forget(entry.tag, gone)
+                self._rotator.forget(entry.tag, gone)
 
     async def _redecide(self, entry: EntryLifecycle, image_id: int, error: str) -> Decision:
         """The watched image is gone or failed: decide again from a fresh look at the entry."""
-        self._forget(entry.tag, image_id)
+        self._rotator.forget(entry.tag, image_id)
         for image in await self._client.list(tag_name=entry.tag):
-            self._learn(entry.tag, image)
-        images = [i for i in self._known[entry.tag].values() if i.id != image_id]
+            self._rotator.learn(entry.tag, image)
+        images = [i for i in self._rotator.images(entry.tag) if i.id != image_id]
         item = entry.item
         decision = decide(
             name=item.entry.name,
@@ -631,7 +626,7 @@ class Importer:
         return image if image.is_available or image.has_failed else None
 
     def _saw(self, entry: EntryLifecycle, image: Image) -> None:
-        self._learn(entry.tag, image)
+        self._rotator.learn(entry.tag, image)
         # A read by id still in flight when a listing ended the watch answers late: the
         # entry has moved on, and the news is only worth the account's view above.
         if entry.state is State.IMPORTING:
@@ -694,162 +689,26 @@ class Importer:
                     newest = (submitted, entry.item.group)
         return newest[1] if newest is not None else None
 
-    # -- rotation: the name on the newest, older versions kept or deleted -----------
+    # -- rotation (see importer.rotation) -------------------------------------------
 
     async def _rotate(
         self, entry: EntryLifecycle, image: Image, *, left: tuple[int, ...] = ()
     ) -> None:
-        """Copy the image to the entry's other regions, then put the entry's names and
-        versions right, from what the account showed.
+        """Rotate the entry and end it ``available``.
 
         ``left``: extra copies the sweep could not delete, named in the entry's error.
         """
-        item = entry.item
-        vtag = item.version_tag
-        if vtag is None:
-            # The source could not be probed: its image is kept as it is, unrotated, but
-            # still copied where the manifest needs it.
-            undone = await self._transfer(entry, image)
-            entry.available(image, error=_left_note("; ".join(undone) or None, left))
-            return
-        if vtag not in (image.tags or ()):
-            # The image this entry watched is of this version, whatever its answer showed.
-            image = image.model_copy(update={"tags": (*(image.tags or ()), vtag)})
-        self._learn(entry.tag, image)
-        known = self._known[entry.tag]
-        rotation = rotate(
-            name=item.entry.name,
-            keep=item.entry.keep,
-            version_tag=vtag,
-            images=list(known.values()),
-        )
-        assert rotation is not None  # ``image`` is an available image of this version
-        keeper = known[rotation.keeper]
-        if keeper.id != entry.result.image_id:
-            entry.kept(keeper)
-        # Before the name moves: the version that takes it is where it is needed.
-        errors = await self._transfer(entry, known.get(keeper.id, keeper))
-        problems: list[str] = []
-        if rotation.steps:
-            entry.rotating(len(rotation.steps))
-            problems = await self._apply(entry, rotation.steps)
-        if problems:
-            errors.append(
-                "names and versions not put right (the next run finishes): " + "; ".join(problems)
-            )
-        entry.available(
-            known.get(keeper.id, keeper), error=_left_note("; ".join(errors) or None, left)
-        )
-
-    async def _transfer(self, entry: EntryLifecycle, image: Image) -> list[str]:
-        """Copy ``image`` to the entry's regions it is not in; one problem per region left out."""
-        missing = tuple(r for r in entry.item.entry.transfer_regions if r not in image.regions)
-        if not missing:
-            return []
-        entry.transferring(missing)
-        return await self._transfers.distribute(
-            entry,
-            image,
-            missing,
-            group=group_tag_of(image) or entry.item.group,
-            size=entry.item.size,
-        )
-
-    async def _apply(self, entry: EntryLifecycle, steps: Sequence[Step]) -> list[str]:
-        known = self._known[entry.tag]
-        problems: list[str] = []
-        for step in steps:
-            try:
-                if isinstance(step, Rename):
-                    renamed = await self._client.update(step.image_id, name=step.new)
-                    known[step.image_id] = renamed
-                    entry.renamed(step.image_id, step.old, step.new)
-                else:
-                    # Journaled before it leaves: a kill mid-request still names it.
-                    self._journal.deleting(
-                        entry.tag, step.image_id, self._clock.wall(), reason=step.reason
-                    )
-                    await self._client.delete(step.image_id)
-                    self._journal.deletion_result(
-                        step.image_id, DeletionState.DELETED, self._clock.wall()
-                    )
-                    known.pop(step.image_id, None)
-                    entry.deleted(step.image_id, step.reason)
-            except (AuthenticationError, ApiUnreachableError):
-                raise
-            except RejectedError as exc:
-                if exc.status == 404:
-                    if isinstance(step, Delete):
-                        self._journal.deletion_result(
-                            step.image_id, DeletionState.GONE, self._clock.wall()
-                        )
-                    known.pop(step.image_id, None)  # gone already
-                    continue
-                if isinstance(step, Delete):
-                    self._journal.deletion_result(
-                        step.image_id, DeletionState.REFUSED, self._clock.wall(), exc.safe_message
-                    )
-                # Refused (an image still importing may not be deletable): say so, go on.
-                problems.append(f"image {step.image_id}: {exc.safe_message}")
-                entry.log.warning(
-                    "image.rotation_refused", image_id=step.image_id, error=exc.safe_message
-                )
-            except ApiError as exc:
-                problems.append(f"image {step.image_id}: {exc.safe_message}")
-                entry.log.warning(
-                    "image.rotation_failed", image_id=step.image_id, error=exc.safe_message
-                )
-                break  # the steps after it rely on it (the name must be free first)
-        return problems
+        rotated = await self._rotator.rotate(entry, image)
+        entry.available(rotated.image, error=_left_note("; ".join(rotated.errors) or None, left))
 
     async def _prune_orphans(self, orphans: Sequence[Image]) -> None:
         """``--prune``: delete the set's images whose entry left the manifest."""
-        for image in orphans:
-            result = self.orphans[image.id]
-            try:
-                await self._client.delete(image.id)
-            except AuthenticationError as exc:
-                self._fail_run(None, "authentication_failed", exc)
-                return
-            except ApiUnreachableError as exc:
-                self._fail_run(None, "api_unreachable", exc)
-                return
-            except RejectedError as exc:
-                if exc.status != 404:
-                    self.orphans[image.id] = replace(result, error=exc.safe_message)
-                    self._log.warning(
-                        "image.prune_failed", image_id=image.id, error=exc.safe_message
-                    )
-                    continue
-            except ApiError as exc:
-                self.orphans[image.id] = replace(result, error=exc.safe_message)
-                self._log.warning("image.prune_failed", image_id=image.id, error=exc.safe_message)
-                continue
-            self.orphans[image.id] = replace(result, deleted=True)
-            self._log.info("image.pruned", image_id=image.id, name=image.name)
-
-    # -- what the account showed --------------------------------------------------------
-
-    def _listed(self, images: Sequence[Image]) -> None:
-        """A group listing: note every image of an entry of the plan (another run's too)."""
-        for image in images:
-            tag = entry_tag_of(image)
-            if tag is not None and tag in self._known:
-                self._learn(tag, image)
-        self._transfers.observe(images)
-
-    def _learn(self, tag: str, image: Image) -> None:
-        if self._set_tag not in (image.tags or ()):
-            # Not the set's (someone took the tag off to keep it): never renamed nor deleted.
-            return
-        known = self._known.setdefault(tag, {})
-        if image.has_failed:
-            known.pop(image.id, None)
-        else:
-            known[image.id] = image
-
-    def _forget(self, tag: str, image_id: int) -> None:
-        self._known.get(tag, {}).pop(image_id, None)
+        try:
+            await self._rotator.prune(orphans, self.orphans)
+        except AuthenticationError as exc:
+            self._fail_run(None, "authentication_failed", exc)
+        except ApiUnreachableError as exc:
+            self._fail_run(None, "api_unreachable", exc)
 
     def _fail_run(self, entry: EntryLifecycle | None, reason: str, exc: ApiError) -> None:
         # Every image task that was waiting learns of the one event: it is logged once.
@@ -938,6 +797,8 @@ def _polled(
 
 def _left_note(error: str | None, left: tuple[int, ...]) -> str | None:
     """``error``, plus the extra copies the API would not delete, if any."""
+    # Here, not in importer.rotation: the copies are the reconciler's sweep's, and a
+    # timed-out or failed entry names them too; rotation only returns its own errors.
     if not left:
         return error
     ids = ", ".join(str(image_id) for image_id in left)
