@@ -40,8 +40,6 @@ least one listing per interval whatever the forecast says.
 from __future__ import annotations
 
 import bisect
-import heapq
-import itertools
 import math
 import random
 from collections import Counter, deque
@@ -65,6 +63,7 @@ from importer.errors import (
 )
 from importer.forecast import Demand
 from importer.governor import Priority
+from importer.schedule import DueQueue, batch_window, not_after_last_call
 
 #: Images asked for by id per group and listing, when unlisted may mean importing:
 #: this many, or this share of the group's unfinished images if more.
@@ -535,9 +534,9 @@ class StatusPoller:
         self._watched = 0
         # And how many listings each needed before one found an import finished.
         self._before_found: deque[int] = deque(maxlen=LIVES_KEPT)
-        self._queue: list[tuple[float, int, int]] = []  # (due, sequence, image id)
-        self._sequence = itertools.count()
-        self._changed = anyio.Event()
+        self._queue = DueQueue(
+            clock, self._watches, key=lambda watch: watch.image_id, rng=self._rng
+        )
         self.model = DurationModel()
         #: Whether listings show images still importing: learned, never assumed.
         self.lists_in_progress = False
@@ -594,7 +593,7 @@ class StatusPoller:
         self._watched += 1
         members = self._groups.setdefault(group, _Group())
         members.add(watch)
-        self._schedule(watch, self._first_check(watch, now))
+        self._queue.schedule(watch, self._first_check(watch, now))
         try:
             await watch.done.wait()
         finally:
@@ -677,7 +676,7 @@ class StatusPoller:
             stats.next_listing = now + self._interval * self._rng.uniform(0.9, 1.1)
             for member in stats.unfinished():
                 if member.due > stats.next_listing:
-                    self._set_due(member, stats.next_listing)
+                    self._queue.set_due(member, stats.next_listing)
 
     def _refit(self, now: float) -> None:
         """Fit durations again, counting the imports still running (see
@@ -703,10 +702,10 @@ class StatusPoller:
             # earlier or later, though never before its next listing is due.
             for member in stats.unfinished():
                 if member.directs == 0:
-                    when = self._jittered(self._first_check(member, now))
+                    when = self._queue.jittered(self._first_check(member, now))
                     if stats.next_listing is not None:
                         when = max(when, stats.next_listing)
-                    self._set_due(member, when)
+                    self._queue.set_due(member, when)
 
     def _group_done(self, stats: _Group) -> None:
         """A group has no image left to wait for: note how many listings it needed from
@@ -814,11 +813,11 @@ class StatusPoller:
         while True:
             self._refit(self._clock.monotonic())
             self._retune(self._clock.monotonic())
-            due = self._pop_due()
+            due = self._queue.pop_due(batch_window(self._interval))
             if due and not self.model.samples:
                 due = self._before_learning(due)
             if not due:
-                await self._sleep_until_next()
+                await self._queue.sleep_until_next()
                 continue
             groups = {watch.group for watch in due}
             listed: set[str] = set()
@@ -856,8 +855,8 @@ class StatusPoller:
                     if watch.image_id in due_ids and not watch.done.is_set():
                         # Never before its group's next listing (set by the check above),
                         # jitter included: a group is listed once per interval, not sooner.
-                        when = self._jittered(self._next_check(watch, now))
-                        self._set_due(watch, max(when, watch.due))
+                        when = self._queue.jittered(self._next_check(watch, now))
+                        self._queue.set_due(watch, max(when, watch.due))
 
     def _before_learning(self, due: list[_Watch]) -> list[_Watch]:
         """Until an import is seen to finish, one group listing per interval in all.
@@ -879,7 +878,7 @@ class StatusPoller:
             turn = now + self._interval
         for watch in due:
             if watch.group != chosen:
-                self._set_due(watch, max(turn, watch.due))
+                self._queue.set_due(watch, max(turn, watch.due))
         return kept
 
     def _waiting_longest(self, watch: _Watch) -> tuple[float, float]:
@@ -892,25 +891,6 @@ class StatusPoller:
         if due is None:
             due = stats.first_submitted + self._first_poll
         return (due, watch.submitted)
-
-    async def _sleep_until_next(self) -> None:
-        self._changed = anyio.Event()
-        delay = math.inf
-        if self._queue:
-            delay = self._queue[0][0] - self._clock.monotonic()
-        with self._clock.move_on_after(delay):
-            await self._changed.wait()
-
-    def _pop_due(self) -> list[_Watch]:
-        # Checks due within a few seconds go together: one listing serves them all.
-        horizon = self._clock.monotonic() + min(5.0, self._interval / 4)
-        due: list[_Watch] = []
-        while self._queue and self._queue[0][0] <= horizon:
-            when, _, image_id = heapq.heappop(self._queue)
-            watch = self._watches.get(image_id)
-            if watch is not None and watch.due == when and not watch.done.is_set():
-                due.append(watch)
-        return due
 
     async def _check_group(self, group: str, listed: set[str]) -> None:
         try:
@@ -957,7 +937,7 @@ class StatusPoller:
             if member.due < next_listing:
                 # Listed importing, or not listed and so not available: unfinished now.
                 member.last_unfinished = now
-                self._set_due(member, next_listing)
+                self._queue.set_due(member, next_listing)
 
     def _members(self, group: str) -> list[_Watch]:
         stats = self._groups.get(group)
@@ -1025,7 +1005,7 @@ class StatusPoller:
                 return
         # Asked by id and still importing: ask that way again only after a while.
         watch.next_direct = now + self._interval * 2 ** min(watch.directs, 6)
-        self._schedule(watch, self._next_check(watch, self._clock.monotonic()))
+        self._queue.schedule(watch, self._next_check(watch, self._clock.monotonic()))
 
     # -- forecasting ------------------------------------------------------------------
 
@@ -1113,7 +1093,9 @@ class StatusPoller:
         self._log.info("poll.learned", samples=self.model.samples, ready=self.model.ready)
         for watch in self._watches.values():
             if not watch.done.is_set():
-                self._schedule(watch, self._first_check(watch, now) if self.model.ready else now)
+                self._queue.schedule(
+                    watch, self._first_check(watch, now) if self.model.ready else now
+                )
 
     def _resolve(self, watch: _Watch, result: Image | BaseException) -> None:
         if not watch.done.is_set():
@@ -1160,19 +1142,9 @@ class StatusPoller:
         return self._not_after_last_call(watch, when)
 
     def _not_after_last_call(self, watch: _Watch, when: float) -> float:
-        last_call = watch.submitted + self._last_call
-        if watch.directs == 0 and when > last_call:
-            return max(last_call, self._clock.monotonic())
-        return when
-
-    def _schedule(self, watch: _Watch, when: float) -> None:
-        self._set_due(watch, self._jittered(when))
-
-    def _jittered(self, when: float) -> float:
-        return when + (when - self._clock.monotonic()) * self._rng.uniform(-0.1, 0.1)
-
-    def _set_due(self, watch: _Watch, when: float) -> None:
-        watch.due = when
-        heapq.heappush(self._queue, (when, next(self._sequence), watch.image_id))
-        if self._queue[0][2] == watch.image_id:
-            self._changed.set()
+        return not_after_last_call(
+            when,
+            last_call=watch.submitted + self._last_call,
+            asked=watch.directs > 0,
+            now=self._clock.monotonic(),
+        )

@@ -53,9 +53,6 @@ duplicate transfer costs a request, never a duplicate image).
 
 from __future__ import annotations
 
-import heapq
-import itertools
-import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -81,6 +78,7 @@ from importer.governor import Priority
 from importer.inventory import GROUP_TAG_PREFIX
 from importer.journal import Journal
 from importer.poller import DurationModel, next_check, overdue
+from importer.schedule import DueQueue, batch_window, not_after_last_call
 
 #: The states of a region the image is transferred to, as the report gives them.
 TRANSFERRED = "transferred"
@@ -89,8 +87,6 @@ NOT_TRANSFERRED = "not_transferred"
 TRANSFER_FAILED = "transfer_failed"
 #: Listings of its group that may miss an image before its action is asked for.
 UNLISTED_CHECKS = 3
-#: Scheduled checks due within this share of the interval (at most 5 s) go together.
-_BATCH = 0.25
 
 
 def failed_state(error: str) -> str:
@@ -194,9 +190,9 @@ class Transfers:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._log = structlog.get_logger("importer.transfers")
         self._watches: dict[tuple[int, str], _Watch] = {}
-        self._queue: list[tuple[float, int, tuple[int, str]]] = []
-        self._sequence = itertools.count()
-        self._changed = anyio.Event()
+        self._queue = DueQueue(
+            clock, self._watches, key=lambda watch: (watch.image_id, watch.region), rng=self._rng
+        )
         #: The regions the latest listing showed, for each image being distributed.
         self._regions: dict[int, frozenset[str]] = {}
         self.model = DurationModel()
@@ -376,7 +372,7 @@ class Transfers:
             started = now - max(0.0, self._clock.wall() - started_at)
         watch = _Watch(image_id, region, group, size, action_id, started, once=once)
         self._watches[(image_id, region)] = watch
-        self._set_due(watch, now if once else self._first_check(watch, now))
+        self._queue.set_due(watch, now if once else self._first_check(watch, now))
         try:
             await watch.done.wait()
         finally:
@@ -427,16 +423,16 @@ class Transfers:
                 watch.unlisted = 0
                 if watch.due < next_listing:
                     # Seen this very moment: not due again before the next interval.
-                    self._set_due(watch, next_listing)
+                    self._queue.set_due(watch, next_listing)
 
     # -- the background task --------------------------------------------------------
 
     async def run(self) -> None:
         """Check due transfers forever (the pipeline cancels this when the run ends)."""
         while True:
-            due = self._pop_due()
+            due = self._queue.pop_due(batch_window(self._interval))
             if not due:
-                await self._sleep_until_next()
+                await self._queue.sleep_until_next()
                 continue
             async with anyio.create_task_group() as listings:
                 for group in sorted({watch.group for watch in due}):
@@ -448,8 +444,8 @@ class Transfers:
                         continue
                     if self._should_ask(watch, now):
                         asks.start_soon(self._ask, watch)
-                    elif watch.due <= now + self._horizon():
-                        self._schedule(watch, self._next_check(watch, now))
+                    elif watch.due <= now + batch_window(self._interval):
+                        self._queue.schedule(watch, self._next_check(watch, now))
 
     async def _list(self, group: str) -> None:
         try:
@@ -495,7 +491,7 @@ class Transfers:
                 return
         # Asked and still copying: ask that way again only after a while.
         watch.next_direct = now + self._interval * 2 ** min(watch.directs, 6)
-        self._schedule(watch, self._next_check(watch, self._clock.monotonic()))
+        self._queue.schedule(watch, self._next_check(watch, self._clock.monotonic()))
 
     # -- scheduling ---------------------------------------------------------------------
 
@@ -530,43 +526,12 @@ class Transfers:
         return self._not_after_last_call(watch, when)
 
     def _not_after_last_call(self, watch: _Watch, when: float) -> float:
-        last_call = watch.started + self._last_call
-        if watch.directs == 0 and when > last_call:
-            return max(last_call, self._clock.monotonic())
-        return when
-
-    def _horizon(self) -> float:
-        return min(5.0, self._interval * _BATCH)
-
-    def _pop_due(self) -> list[_Watch]:
-        # Checks due within a few seconds go together: one listing serves them all.
-        horizon = self._clock.monotonic() + self._horizon()
-        due: list[_Watch] = []
-        while self._queue and self._queue[0][0] <= horizon:
-            when, _, key = heapq.heappop(self._queue)
-            watch = self._watches.get(key)
-            if watch is not None and watch.due == when and not watch.done.is_set():
-                due.append(watch)
-        return due
-
-    async def _sleep_until_next(self) -> None:
-        self._changed = anyio.Event()
-        delay = math.inf
-        if self._queue:
-            delay = self._queue[0][0] - self._clock.monotonic()
-        with self._clock.move_on_after(delay):
-            await self._changed.wait()
-
-    def _schedule(self, watch: _Watch, when: float) -> None:
-        jitter = (when - self._clock.monotonic()) * self._rng.uniform(-0.1, 0.1)
-        self._set_due(watch, when + jitter)
-
-    def _set_due(self, watch: _Watch, when: float) -> None:
-        watch.due = when
-        key = (watch.image_id, watch.region)
-        heapq.heappush(self._queue, (when, next(self._sequence), key))
-        if self._queue[0][2] == key:
-            self._changed.set()
+        return not_after_last_call(
+            when,
+            last_call=watch.started + self._last_call,
+            asked=watch.directs > 0,
+            now=self._clock.monotonic(),
+        )
 
     def _resolve(self, watch: _Watch, result: Ending | BaseException) -> None:
         if not watch.done.is_set():
