@@ -28,15 +28,20 @@ def _queue(
     return DueQueue(clock, watches, key=lambda w: w.name, rng=random.Random(seed)), watches
 
 
+def _set_due(
+    queue: DueQueue[str, _Watch], watches: dict[str, _Watch], at: float, *dues: tuple[str, float]
+) -> None:
+    """Each named watch due ``at`` plus its offset, in the order given."""
+    for name, offset in dues:
+        queue.set_due(watches[name], at + offset)
+
+
 async def test_pop_due_takes_what_is_due_within_the_window_earliest_first() -> None:
     """Watches due by now + window come out in due order; later ones stay for later."""
     clock = FakeClock()
     queue, watches = _queue(clock, "a", "b", "c", "d")
     now = clock.now
-    queue.set_due(watches["c"], now + 4.0)
-    queue.set_due(watches["a"], now - 1.0)
-    queue.set_due(watches["d"], now + 6.0)
-    queue.set_due(watches["b"], now + 2.0)
+    _set_due(queue, watches, now, ("c", 4.0), ("a", -1.0), ("d", 6.0), ("b", 2.0))
     assert [w.name for w in queue.pop_due(5.0)] == ["a", "b", "c"]
     assert queue.pop_due(5.0) == []
     clock.advance(1.0)
@@ -48,10 +53,7 @@ async def test_a_watch_set_due_again_comes_out_once_at_its_new_time() -> None:
     clock = FakeClock()
     queue, watches = _queue(clock, "a", "b")
     now = clock.now
-    queue.set_due(watches["a"], now + 1.0)
-    queue.set_due(watches["a"], now + 10.0)
-    queue.set_due(watches["b"], now + 10.0)
-    queue.set_due(watches["b"], now + 2.0)
+    _set_due(queue, watches, now, ("a", 1.0), ("a", 10.0), ("b", 10.0), ("b", 2.0))
     assert [w.name for w in queue.pop_due(3.0)] == ["b"]
     assert watches["a"].due == now + 10.0
     assert [w.name for w in queue.pop_due(11.0)] == ["a"]
@@ -73,34 +75,14 @@ async def test_sleep_until_next_wakes_when_the_earliest_is_due() -> None:
     clock = FakeClock()
     queue, watches = _queue(clock, "a", "b")
     start = clock.now
-    queue.set_due(watches["b"], start + 30.0)
-    queue.set_due(watches["a"], start + 12.0)
+    _set_due(queue, watches, start, ("b", 30.0), ("a", 12.0))
     await queue.sleep_until_next()
     assert clock.now == pytest.approx(start + 12.0)
 
 
-async def test_sleep_until_next_wakes_early_for_a_watch_due_sooner() -> None:
-    """A watch set due before the head (or into an empty queue) ends the sleep at once."""
-    clock = FakeClock()
-    queue, watches = _queue(clock, "a", "b")
-    start = clock.now
-    queue.set_due(watches["a"], start + 60.0)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(queue.sleep_until_next)
-        await clock.sleep(5.0)
-        queue.set_due(watches["b"], start + 20.0)
-    assert clock.now == pytest.approx(start + 5.0)
-    empty, others = _queue(clock, "c")
-    with anyio.fail_after(1000.0):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(empty.sleep_until_next)
-            await clock.sleep(500.0)
-            empty.set_due(others["c"], clock.now + 100.0)
-    assert clock.now == pytest.approx(start + 505.0)
-
-
-async def test_a_watch_set_due_behind_the_head_does_not_wake_the_sleep() -> None:
-    """Only a new earliest due time wakes the loop; a later one waits its turn."""
+@pytest.mark.parametrize(("second", "woken"), [(20.0, 5.0), (50.0, 40.0)])
+async def test_only_a_new_earliest_due_time_ends_the_sleep(second: float, woken: float) -> None:
+    """A watch set due before the head wakes the loop at once; one behind it waits its turn."""
     clock = FakeClock()
     queue, watches = _queue(clock, "a", "b")
     start = clock.now
@@ -108,8 +90,21 @@ async def test_a_watch_set_due_behind_the_head_does_not_wake_the_sleep() -> None
     async with anyio.create_task_group() as tg:
         tg.start_soon(queue.sleep_until_next)
         await clock.sleep(5.0)
-        queue.set_due(watches["b"], start + 50.0)
-    assert clock.now == pytest.approx(start + 40.0)
+        queue.set_due(watches["b"], start + second)
+    assert clock.now == pytest.approx(start + woken)
+
+
+async def test_an_empty_queue_sleeps_until_a_watch_is_set_due() -> None:
+    """With nothing due, the loop sleeps for good, and the first watch set due wakes it."""
+    clock = FakeClock()
+    queue, watches = _queue(clock, "a")
+    start = clock.now
+    with anyio.fail_after(1000.0):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(queue.sleep_until_next)
+            await clock.sleep(500.0)
+            queue.set_due(watches["a"], clock.now + 100.0)
+    assert clock.now == pytest.approx(start + 500.0)
 
 
 async def test_jitter_stays_within_a_tenth_of_the_wait_and_spreads() -> None:
