@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, BinaryIO
 
 from importer.clock import isoformat
@@ -369,8 +370,12 @@ class ReportWriter:
     that did not change); the summary is kept the same way (:class:`Totals`). The other
     rows' text is copied from the file it wrote last, where it keeps their places (two
     numbers a row): keeping their text instead held some 30 MB at 50,000 entries. If
-    that file is not the one it wrote any more (replaced, or changed: its inode, size or
-    modification time differ), every row is rendered again. The file is
+    that file is not the one it wrote any more (replaced, or changed: its inode, size,
+    modification or status-change time differ), every row is rendered again. The change
+    time cannot be set back (an edit whose modification time was restored still shows);
+    what it cannot tell is a same-size edit made within the file system's timestamp
+    granularity of the write (one clock tick, a few ms, on Linux before 6.13), which only
+    someone editing the report in place during a run could make. The file is
     :meth:`Report.write`'s, byte for byte.
     """
 
@@ -379,10 +384,9 @@ class ReportWriter:
         #: Where each row's text starts and ends in the file written last (byte offsets).
         self._starts = array("q")
         self._ends = array("q")
-        #: That file, and what identifies it as the one written: (device, inode, size,
-        #: modification time in ns).
+        #: That file, and what identifies it as the one written (see :func:`_identity`).
         self._path: Path | None = None
-        self._written: tuple[int, int, int, int] | None = None
+        self._written: _Identity | None = None
         self._totals = Totals()
         #: Rows rendered so far (the tests' measure of "only the rows that changed").
         self.rendered = 0
@@ -414,12 +418,15 @@ class ReportWriter:
             yield None
             return
         try:
-            previous = self._path.open("rb")
+            # Not blocking: whatever took the file's place (a FIFO) must not stop the run.
+            fd = os.open(self._path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError:
             yield None
             return
-        with previous:
-            yield previous if _identity(os.fstat(previous.fileno())) == self._written else None
+        with os.fdopen(fd, "rb") as previous:
+            stat = os.fstat(fd)
+            same = S_ISREG(stat.st_mode) and _identity(stat) == self._written
+            yield previous if same else None
 
     def _update(self, images: tuple[ImageResult, ...], previous: BinaryIO | None) -> _Update:
         """The rows to render and the totals of ``images`` (the writer's own are unchanged)."""
@@ -524,8 +531,12 @@ class _Update:
     totals: Totals
 
 
-def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
-    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+_Identity = tuple[int, int, int, int, int]
+
+
+def _identity(stat: os.stat_result) -> _Identity:
+    """(device, inode, size, modification and status-change times in ns)."""
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
 def _iso(unix: float | None) -> str | None:
@@ -567,9 +578,7 @@ def write_chunks_atomic(path: Path, chunks: Iterable[str], mode: int = 0o644) ->
     _write_atomic(path, (chunk.encode("utf-8") for chunk in chunks), mode)
 
 
-def _write_atomic(
-    path: Path, chunks: Iterable[bytes], mode: int = 0o644
-) -> tuple[int, int, int, int]:
+def _write_atomic(path: Path, chunks: Iterable[bytes], mode: int = 0o644) -> _Identity:
     """Write the bytes ``chunks`` make to ``path`` (see :func:`write_text_atomic`).
 
     Returns what identifies the file written (see :class:`ReportWriter`).
@@ -587,8 +596,9 @@ def _write_atomic(
             out.writelines(chunks)
             out.flush()
             os.fsync(out.fileno())
+            # After the rename, which sets the change time on most file systems.
+            os.replace(tmp, path)
             written = _identity(os.fstat(out.fileno()))
-        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -256,7 +256,10 @@ def test_writer_renders_everything_when_its_file_was_changed(tmp_path: Path) -> 
     report = report_of(50, 1)
     writer = ReportWriter()
     writer.write(report, path)
+    written = path.stat()
     path.write_text(path.read_text().replace("img-1", "IMG-1"))  # same size, edited
+    # Dated a second later: a clock as coarse as a few ms could keep the time otherwise.
+    os.utime(path, ns=(written.st_atime_ns, written.st_mtime_ns + 10**9))
     again = replace(report, requests=2)
     writer.write(again, path)
     assert path.read_text() == again.to_text()
@@ -264,6 +267,44 @@ def test_writer_renders_everything_when_its_file_was_changed(tmp_path: Path) -> 
     path.unlink()
     assert writer.text(again) == again.to_text()
     assert writer.rendered == 150
+
+
+def test_writer_does_not_copy_a_file_edited_in_place_with_its_time_restored(
+    tmp_path: Path,
+) -> None:
+    """An edit of the same size whose modification time was set back (same inode, size
+    and mtime) still shows in the change time: every row is rendered, the file is right."""
+    path = tmp_path / "r.json"
+    report = report_of(50, 1)
+    writer = ReportWriter()
+    writer.write(report, path)
+    written = path.stat()
+    path.write_text(path.read_text().replace('"img-7"', '"IMG-7"'))
+    os.utime(path, ns=(written.st_atime_ns, written.st_mtime_ns))
+    edited = path.stat()
+    assert (edited.st_ino, edited.st_size, edited.st_mtime_ns) == (
+        written.st_ino, written.st_size, written.st_mtime_ns
+    )  # fmt: skip
+    if edited.st_ctime_ns == written.st_ctime_ns:
+        pytest.skip("this file system's timestamps are coarser than the edit's delay")
+    again = replace(report, requests=2)
+    writer.write(again, path)
+    assert path.read_text() == again.to_text()
+    assert writer.rendered == 100
+
+
+def test_writer_is_not_stopped_by_a_fifo_in_its_files_place(tmp_path: Path) -> None:
+    """A FIFO put where the report was is neither read from nor waited on: it is replaced."""
+    path = tmp_path / "r.json"
+    report = report_of(5, 1)
+    writer = ReportWriter()
+    writer.write(report, path)
+    path.unlink()
+    os.mkfifo(path)
+    again = replace(report, requests=2)
+    writer.write(again, path)
+    assert path.read_text() == again.to_text()
+    assert writer.rendered == 10
 
 
 def test_writer_after_a_failed_write_copies_from_the_file_it_left(
