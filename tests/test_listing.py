@@ -50,14 +50,15 @@ class InstantClock:
     """Time set by hand to exact float instants, for these synchronous tests of a data
     structure (the virtual-time loop moves by sums, which may miss an instant by a ulp)."""
 
-    def __init__(self, now: float = 1_000.0) -> None:
+    def __init__(self, now: float = 1_000.0, epoch: float = 1_700_000_000.0) -> None:
         self.now = now
+        self.epoch = epoch
 
     def monotonic(self) -> float:
         return self.now
 
     def wall(self) -> float:
-        return 1_700_000_000.0 + self.now
+        return self.epoch + self.now
 
     async def sleep(self, seconds: float) -> None:  # pragma: no cover - nothing sleeps here
         raise AssertionError("synchronous listing tests never sleep")
@@ -138,7 +139,7 @@ operations = st.lists(
             st.just(""),
         ),
     ),
-    # Hypothesis draws lists of about 5 when allowed none: too few to create, rebuild and
+    # With no minimum, Hypothesis draws lists of about 5: too few to create, rebuild and
     # list again.
     min_size=10,
     max_size=80,
@@ -151,24 +152,31 @@ def pick(world: World, n: int) -> SimImage | None:
     return world.images[ids[n % len(ids)]] if ids else None
 
 
-def restored(world: World, clock: InstantClock, arg: tuple[bool, bool, bool]) -> World:
+def restored(
+    world: World, clock: InstantClock, arg: tuple[bool, bool, bool]
+) -> tuple[World, InstantClock]:
     """``world`` after a restore of its own snapshot, as the simulator's state file does it
-    (JSON and back), optionally into a fresh world (a later process), less the newest image
-    (an older save) or with ``next_image_id`` set back (a hand-edited file)."""
+    (JSON and back), and its clock. Optionally into a fresh world on a new clock (a later
+    process: its monotonic time starts elsewhere, its wall time goes on), less the newest
+    image (an older save) or with ``next_image_id`` set back (a hand-edited file)."""
     fresh, drop_newest, lower_next_id = arg
     snapshot = json.loads(json.dumps(world.snapshot(), allow_nan=False))
     if drop_newest:
         del snapshot["images"][-1:]
     if lower_next_id:
         snapshot["next_image_id"] = 0
-    target = World(world.config, clock) if fresh else world
-    target.restore(snapshot)
-    return target
+    if fresh:
+        clock = InstantClock(now=7.0, epoch=clock.wall() - 7.0)
+        world = World(world.config, clock)
+    world.restore(snapshot)
+    return world, clock
 
 
-def apply(world: World, clock: InstantClock, op: str, arg: Any, marker: str) -> World:
+def apply(
+    world: World, clock: InstantClock, op: str, arg: Any, marker: str
+) -> tuple[World, InstantClock]:
     """One operation, through the world's own methods as the simulator's handlers call them;
-    the world afterwards (a restore into a fresh one replaces it)."""
+    the world and its clock afterwards (a restore into a fresh world replaces both)."""
     if op == "create":
         tags, count = arg
         for _ in range(count):
@@ -185,7 +193,7 @@ def apply(world: World, clock: InstantClock, op: str, arg: Any, marker: str) -> 
         n, detail = (arg, None) if op == "delete" else arg
         target = pick(world, n)
         if target is None:
-            return world
+            return world, clock
         action: Callable[[], object]
         if op == "delete":
             action = functools.partial(world.delete_image, target.id)
@@ -200,7 +208,7 @@ def apply(world: World, clock: InstantClock, op: str, arg: Any, marker: str) -> 
             assert problem.value.status == 404
         else:
             action()
-    return world
+    return world, clock
 
 
 @settings(max_examples=150, deadline=None)
@@ -216,7 +224,9 @@ def test_pages_match_filtering_every_image(
     with mock.patch.object(world_module, "ListingIndex", small):
         world, clock = new_world(direct_max)
         for op, arg, marker in ops:
-            world = apply(world, clock, op, arg, marker)
+            world, clock = apply(world, clock, op, arg, marker)
+        # Fails should the patch stop reaching the world's rebuilds (the small thresholds
+        # would then be tested only until the first untag or restore).
         assert world._listing._direct_max == direct_max
     for tag in (None, *TAGS):
         for in_progress in (False, True):
