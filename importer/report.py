@@ -465,8 +465,9 @@ class ReportWriter:
         for number, (key, value) in enumerate(head.items()):
             if key == "images" and report.images:
                 opening = ("{\n  " if number == 0 else ",\n  ") + json.dumps(key) + ": [\n"
-                yield opening.encode("utf-8")
-                at += len(opening.encode("utf-8"))
+                data = opening.encode("utf-8")
+                yield data
+                at += len(data)
                 for i, piece_at, rows_bytes in self._rows_bytes(report.images, update, previous):
                     if i:
                         yield b",\n"
@@ -570,12 +571,7 @@ def write_text_atomic(path: Path, text: str, mode: int = 0o644) -> None:
     never half of one. ``mode`` is given to the kernel at creation, which takes
     the umask off it.
     """
-    write_chunks_atomic(path, (text,), mode)
-
-
-def write_chunks_atomic(path: Path, chunks: Iterable[str], mode: int = 0o644) -> None:
-    """:func:`write_text_atomic` of the text the ``chunks`` make, never joined in memory."""
-    _write_atomic(path, (chunk.encode("utf-8") for chunk in chunks), mode)
+    _write_atomic(path, (text.encode("utf-8"),), mode)
 
 
 def _write_atomic(path: Path, chunks: Iterable[bytes], mode: int = 0o644) -> _Identity:
