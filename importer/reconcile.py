@@ -451,8 +451,9 @@ class Reconciler:
     async def _probe_listing(self) -> bool:
         """Whether listings show importing images, asked of a group known to be importing."""
         now = self._clock.monotonic()
-        group = self._importing_group()
-        if group is not None and now - self._probed_at >= self._probe_every:
+        # The group is looked for only when a probe is due: finding it reads every entry.
+        group = self._importing_group() if now - self._probed_at >= self._probe_every else None
+        if group is not None:
             self._probed_at = now
             self._poller.learn(await self._client.list(tag_name=group), tag=group)
             if not self._poller.lists_in_progress:
