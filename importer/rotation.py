@@ -236,16 +236,12 @@ class Rotator:
                 await self._client.delete(image.id)
             except (AuthenticationError, ApiUnreachableError):
                 raise
-            except RejectedError as exc:
-                if exc.status != 404:
+            except ApiError as exc:
+                if not (isinstance(exc, RejectedError) and exc.status == 404):  # 404: gone
                     results[image.id] = replace(result, error=exc.safe_message)
                     self._log.warning(
                         "image.prune_failed", image_id=image.id, error=exc.safe_message
                     )
                     continue
-            except ApiError as exc:
-                results[image.id] = replace(result, error=exc.safe_message)
-                self._log.warning("image.prune_failed", image_id=image.id, error=exc.safe_message)
-                continue
             results[image.id] = replace(result, deleted=True)
             self._log.info("image.pruned", image_id=image.id, name=image.name)
