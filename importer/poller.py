@@ -63,7 +63,13 @@ from importer.errors import (
 )
 from importer.forecast import Demand
 from importer.governor import Priority
-from importer.schedule import DueQueue, batch_window, not_after_last_call
+from importer.schedule import (
+    LAST_CALL_SHARE,
+    DueQueue,
+    batch_window,
+    last_call_due,
+    not_after_last_call,
+)
 
 #: Images asked for by id per group and listing, when unlisted may mean importing:
 #: this many, or this share of the group's unfinished images if more.
@@ -520,9 +526,7 @@ class StatusPoller:
         self._refitted_samples = 0
         # When the last group listing before the model was ready went.
         self._learning_turn = -math.inf
-        # Every image is asked for by id once before its timeout, so that a failure
-        # is reported as one (with its message), never as a timeout.
-        self._last_call = 0.8 * image_timeout
+        self._last_call = LAST_CALL_SHARE * image_timeout
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._log = structlog.get_logger("importer.poller")
         self._watches: dict[int, _Watch] = {}
@@ -1120,7 +1124,9 @@ class StatusPoller:
         )
 
     def _last_call_due(self, watch: _Watch, now: float) -> bool:
-        return watch.directs == 0 and now >= watch.submitted + self._last_call
+        return last_call_due(
+            last_call=watch.submitted + self._last_call, asked=watch.directs > 0, now=now
+        )
 
     def _first_check(self, watch: _Watch, now: float) -> float:
         if self.model.ready:

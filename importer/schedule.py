@@ -48,6 +48,16 @@ def batch_window(interval: float) -> float:
     return min(BATCH_MAX, interval * BATCH_SHARE)
 
 
+#: Every watch is asked for by id once, at this share of its timeout at the latest, so
+#: that a failure is reported as one (with its message), never as a timeout.
+LAST_CALL_SHARE = 0.8
+
+
+def last_call_due(*, last_call: float, asked: bool, now: float) -> bool:
+    """Whether a watch never ``asked`` for by id has reached its ``last_call``."""
+    return not asked and now >= last_call
+
+
 def not_after_last_call(when: float, *, last_call: float, asked: bool, now: float) -> float:
     """``when``, or the last call if that comes first (never before ``now``), until a watch
     has been ``asked`` for by id once: each is, before its timeout, so that a failure is

@@ -78,7 +78,13 @@ from importer.governor import Priority
 from importer.inventory import GROUP_TAG_PREFIX
 from importer.journal import Journal
 from importer.poller import DurationModel, next_check, overdue
-from importer.schedule import DueQueue, batch_window, not_after_last_call
+from importer.schedule import (
+    LAST_CALL_SHARE,
+    DueQueue,
+    batch_window,
+    last_call_due,
+    not_after_last_call,
+)
 
 #: The states of a region the image is transferred to, as the report gives them.
 TRANSFERRED = "transferred"
@@ -184,9 +190,9 @@ class Transfers:
         self._interval = poll_interval
         self._timeout = timeout
         self._max = max_transfers
-        # Every transfer's action is asked for once before its timeout, so that an
-        # errored one is reported as errored, never as unfinished.
-        self._last_call = 0.8 * timeout
+        # Every transfer's action is asked for once before its timeout: an errored one
+        # is reported as errored, never as unfinished.
+        self._last_call = LAST_CALL_SHARE * timeout
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._log = structlog.get_logger("importer.transfers")
         self._watches: dict[tuple[int, str], _Watch] = {}
@@ -499,7 +505,8 @@ class Transfers:
         """Whether only the action can tell what became of this transfer."""
         if watch.once or now < watch.next_direct:
             return False
-        if watch.directs == 0 and now >= watch.started + self._last_call:
+        last_call = watch.started + self._last_call
+        if last_call_due(last_call=last_call, asked=watch.directs > 0, now=now):
             return True
         if watch.unlisted >= UNLISTED_CHECKS:
             return True

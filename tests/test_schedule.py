@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import anyio
 import pytest
 
-from importer.schedule import DueQueue, batch_window, not_after_last_call
+from importer.schedule import DueQueue, batch_window, last_call_due, not_after_last_call
 from tests.fakes import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -126,6 +126,13 @@ def test_a_check_never_comes_after_the_last_call_until_asked() -> None:
     assert not_after_last_call(500.0, last_call=400.0, asked=False, now=450.0) == 450.0
     assert not_after_last_call(300.0, last_call=400.0, asked=False, now=100.0) == 300.0
     assert not_after_last_call(500.0, last_call=400.0, asked=True, now=100.0) == 500.0
+
+
+def test_the_last_call_is_due_from_its_time_until_asked() -> None:
+    """Due from the last call on, and never once the watch was asked for by id."""
+    assert not last_call_due(last_call=400.0, asked=False, now=399.0)
+    assert last_call_due(last_call=400.0, asked=False, now=400.0)
+    assert not last_call_due(last_call=400.0, asked=True, now=500.0)
 
 
 def test_the_batch_window_is_a_quarter_interval_at_most_five_seconds() -> None:
