@@ -40,6 +40,7 @@ least one listing per interval whatever the forecast says.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import random
 from collections import Counter, deque
@@ -262,26 +263,23 @@ class DurationModel:
             # None running, or too few seen finishing to tell even how quick the quickest
             # tenth is: what lies beyond them is unknown, and the plain fit is kept.
             return
-        intercept, slope = _line([x for x, _ in done], [y for _, y in done])
+        line = _line([x for x, _ in done], [y for _, y in done])
         for _ in range(self.ROUNDS):
-
-            def fit(x: float, a: float = intercept, b: float = slope) -> float:
-                return max(1e-3, a + b * x)
-
+            fit = functools.partial(_on_line, line)
             curve = _KaplanMeier([y / fit(x) for x, y in done], [e / fit(x) for x, e in pending])
             imputed = [fit(x) * curve.beyond(e / fit(x)) for x, e in pending]
             xs = [x for x, _ in done] + [x for x, _ in pending]
             ys = [y for _, y in done] + imputed
-            intercept, slope = _line(xs, ys)
-        fitted = [max(1e-3, intercept + slope * x) for x, _ in done]
+            line = _line(xs, ys)
+        fitted = [_on_line(line, x) for x, _ in done]
         curve = _KaplanMeier(
             [y / f for (_, y), f in zip(done, fitted, strict=True)],
-            [e / max(1e-3, intercept + slope * x) for x, e in pending],
+            [e / _on_line(line, x) for x, e in pending],
         )
         low = curve.quantile(0.10, default=math.nan)
         if math.isnan(low):
             return
-        self._line = (intercept, slope)
+        self._line = line
         self._quantiles = None  # the plain quantiles, against the new line
         raw = self._raw_spread()
         high = max(curve.quantile(0.95, default=raw[1]), low)
@@ -304,15 +302,13 @@ class DurationModel:
 
     def _fit(self, x: float) -> float:
         if self._line is not None:
-            intercept, slope = self._line
-            return max(1e-3, intercept + slope * x)
+            return _on_line(self._line, x)
         mean_x, mean_y = self._sx / self._n, self._sy / self._n
         variance = self._sxx / self._n - mean_x * mean_x
         slope = 0.0
         if variance > 1e-9:
             slope = max(0.0, (self._sxy / self._n - mean_x * mean_y) / variance)
-        intercept = max(0.0, mean_y - slope * mean_x)
-        return max(1e-3, intercept + slope * x)
+        return _on_line((max(0.0, mean_y - slope * mean_x), slope), x)
 
     def _spread(self) -> tuple[float, float, float]:
         if self._refit_quantiles is not None:
@@ -344,6 +340,13 @@ def _evenly(items: list[tuple[float, float]], most: int) -> list[tuple[float, fl
         return items
     step = len(items) / most
     return [items[len(items) - 1 - int(k * step)] for k in range(most)]
+
+
+def _on_line(line: tuple[float, float], x: float) -> float:
+    """The duration ``line`` (intercept, slope) gives ``x`` GiB, never quite zero (the
+    spread is measured in durations divided by it)."""
+    intercept, slope = line
+    return max(1e-3, intercept + slope * x)
 
 
 def _line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
