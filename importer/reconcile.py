@@ -158,7 +158,7 @@ class Reconciler:
                 live = [image for image in images if not image.has_failed]
                 if live:
                     keep = self._choose(item, live)
-                    await self._delete_extras(item, keep=keep, live=live, log=log)
+                    await self._delete_extras(item, keep=keep.id, live=live, log=log)
                     return keep
                 failed = [image for image in images if image.has_failed]
                 proven_at = self._absence_proven_at(item)
@@ -223,7 +223,7 @@ class Reconciler:
                 if not live:
                     return Swept(None, self._deleted(item), ())
                 keep = self._choose(item, list(live.values()))
-                refused = await self._delete_extras(item, keep=keep, live=live.values(), log=log)
+                refused = await self._delete_extras(item, keep=keep.id, live=live.values(), log=log)
                 if not refused or self._clock.wall() >= until:
                     if refused:
                         log.warning("image.duplicates_left", image_ids=list(refused), kept=keep.id)
@@ -304,18 +304,17 @@ class Reconciler:
         return min(candidates, key=lambda image: (not image.is_available, *_age(image)))
 
     async def _delete_extras(
-        self, item: PlannedImport, *, keep: Image | int, live: Iterable[Image], log: Log
+        self, item: PlannedImport, *, keep: int, live: Iterable[Image], log: Log
     ) -> tuple[int, ...]:
-        """Delete every live copy but ``keep``; the ids the API refused to delete yet.
+        """Delete every live copy but image ``keep``; the ids the API refused to delete yet.
 
         Each ``DELETE`` is journaled before it leaves and after it answers.
         """
-        kept = keep if isinstance(keep, int) else keep.id
-        extras = sorted({image.id for image in live} - {kept})
+        extras = sorted({image.id for image in live} - {keep})
         refused: list[int] = []
         deleted: list[int] = []
         for image_id in extras:
-            log.warning("image.duplicate", image_id=image_id, kept=kept)
+            log.warning("image.duplicate", image_id=image_id, kept=keep)
             self._journal.deleting(item.tag, image_id, self._clock.wall())
             try:
                 await self._client.delete(image_id)
@@ -334,7 +333,7 @@ class Reconciler:
             self._journal.deletion_result(image_id, DeletionState.DELETED, self._clock.wall())
             deleted.append(image_id)
         if deleted:
-            log.warning("image.duplicates_deleted", image_ids=deleted, kept=kept)
+            log.warning("image.duplicates_deleted", image_ids=deleted, kept=keep)
         return tuple(refused)
 
     def _deleted(self, item: PlannedImport) -> tuple[int, ...]:
